@@ -1,0 +1,805 @@
+//! The agent's configuration file (`/etc/pgwarden/agent.toml`): its format, its defaults and its
+//! validation. Parsing is pure (text in, config or error out) so that every rule is unit-tested
+//! and `pgwarden-agent --check-config` gives the same verdict as a start.
+//!
+//! Unknown keys are errors: a typo such as `loop_wiat` must not silently leave a default in
+//! place. Every error names the file, the line and the key.
+
+use crate::duration::ConfDuration;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// The whole agent configuration.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub node: NodeSection,
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub api: ApiSection,
+    #[serde(default)]
+    pub health: HealthSection,
+    pub postgresql: PostgresSection,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's name; must be one of `cluster.members`.
+    pub name: String,
+    /// Where the agent keeps its own state (intent, events, logs, password file).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: String,
+    /// How often the agent observes and acts.
+    #[serde(default = "default_loop_wait")]
+    pub loop_wait: ConfDuration,
+    /// `text` or `json` log lines.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// The cluster's name (also PostgreSQL's `cluster_name` prefix).
+    pub name: String,
+    /// The node that bootstraps the cluster with initdb when no member has data yet.
+    pub initial_primary: String,
+    /// Every member of the cluster, this node included. The same list on every node.
+    pub members: Vec<Member>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub name: String,
+    /// Address peers, clients and health checkers use to reach this member.
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub pg_port: u16,
+    #[serde(default = "default_health_port")]
+    pub health_port: u16,
+    #[serde(default = "default_api_port")]
+    pub api_port: u16,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Listen address of the authenticated agent API; default `0.0.0.0:<api_port>`.
+    pub listen: Option<String>,
+    /// Bearer token required by the agent API.
+    pub token: Option<String>,
+    /// File holding the bearer token (first line); alternative to `token`.
+    pub token_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// Listen address of the unauthenticated health checks; default `0.0.0.0:<health_port>`.
+    pub listen: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Directory holding `postgres`, `initdb`, `pg_ctl`, `pg_basebackup`, `pg_rewind`.
+    #[serde(default = "default_bin_dir")]
+    pub bin_dir: String,
+    pub data_dir: String,
+    /// The major version this node runs; a data directory of another version is refused.
+    /// Default: the version of `bin_dir`'s binaries.
+    pub major_version: Option<u32>,
+    #[serde(default = "default_listen_addresses")]
+    pub listen_addresses: String,
+    /// Directory for the Unix socket; every node on a host needs its own.
+    #[serde(default = "default_socket_dir")]
+    pub socket_dir: String,
+    /// The operating-system user PostgreSQL runs as when the agent runs as root.
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+    #[serde(default = "default_superuser")]
+    pub superuser: String,
+    pub superuser_password: Option<String>,
+    pub superuser_password_file: Option<String>,
+    #[serde(default = "default_replication_user")]
+    pub replication_user: String,
+    pub replication_password: Option<String>,
+    pub replication_password_file: Option<String>,
+    /// Extra arguments for initdb (checksums, UTF8 and the superuser are always set).
+    #[serde(default)]
+    pub initdb_args: Vec<String>,
+    /// Extra `pg_hba.conf` lines, appended after the agent's own rules.
+    #[serde(default)]
+    pub pg_hba: Vec<String>,
+    /// How long PostgreSQL may take to start or stop before the agent reports a failure.
+    #[serde(default = "default_pg_timeout")]
+    pub start_timeout: ConfDuration,
+    #[serde(default = "default_pg_timeout")]
+    pub stop_timeout: ConfDuration,
+    /// PostgreSQL parameters written to the generated `postgresql.conf`.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, toml::Value>,
+}
+
+fn default_state_dir() -> String {
+    "/var/lib/pgwarden".into()
+}
+fn default_loop_wait() -> ConfDuration {
+    ConfDuration::secs(1)
+}
+fn default_pg_port() -> u16 {
+    5432
+}
+fn default_health_port() -> u16 {
+    8008
+}
+fn default_api_port() -> u16 {
+    8443
+}
+fn default_bin_dir() -> String {
+    "/usr/lib/postgresql/15/bin".into()
+}
+fn default_listen_addresses() -> String {
+    "*".into()
+}
+fn default_socket_dir() -> String {
+    "/var/run/postgresql".into()
+}
+fn default_os_user() -> String {
+    "postgres".into()
+}
+fn default_superuser() -> String {
+    "postgres".into()
+}
+fn default_replication_user() -> String {
+    "replicator".into()
+}
+fn default_pg_timeout() -> ConfDuration {
+    ConfDuration::secs(60)
+}
+
+/// Parameters the agent sets itself, per node; the config may not override them.
+pub const MANAGED_PARAMETERS: &[&str] = &[
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "cluster_name",
+    "hot_standby",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target_timeline",
+    "data_directory",
+    "hba_file",
+    "ident_file",
+];
+
+/// A configuration error: which file, which line (when known), which key, what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, ": ")?;
+        if let Some(k) = &self.key {
+            write!(f, "key `{k}`: ")?;
+        }
+        write!(f, "{}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Converts a byte offset into a 1-based line number.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The dotted key defined on `line` (1-based), e.g. `postgresql.port`, from the nearest table
+/// header above it. Used to name the key in type errors, which the TOML parser reports by
+/// position only.
+fn key_at_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let here = lines.get(line.checked_sub(1)?)?.trim();
+    let local = if here.starts_with('[') {
+        None
+    } else {
+        here.split_once('=')
+            .map(|(k, _)| k.trim().trim_matches('"').to_string())
+    };
+    let section = lines[..line.min(lines.len())]
+        .iter()
+        .rev()
+        .map(|l| l.trim())
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match (section, local) {
+        (Some(s), Some(k)) => Some(format!("{s}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(s), None) => Some(s),
+        (None, None) => None,
+    }
+}
+
+/// The 1-based line of `key` inside `[section]` (or `[[section]]` number `index`), if written.
+fn find_key_line(text: &str, section: &str, index: Option<usize>, key: &str) -> Option<usize> {
+    let mut in_section = false;
+    let mut seen = 0usize;
+    for (i, raw) in text.lines().enumerate() {
+        let l = raw.trim();
+        if l.starts_with('[') {
+            let name = l.trim_matches(|c| c == '[' || c == ']').trim();
+            in_section = name == section
+                && match index {
+                    None => true,
+                    Some(n) => {
+                        seen += 1;
+                        seen == n + 1
+                    }
+                };
+            continue;
+        }
+        if in_section {
+            if let Some((k, _)) = l.split_once('=') {
+                if k.trim().trim_matches('"') == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
+}
+
+impl AgentConfig {
+    /// Parses and validates the text of `file`.
+    pub fn parse(text: &str, file: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            let message = e.message().trim().to_string();
+            let key = if message.starts_with("unknown field") {
+                // The message names the unknown key itself; name its table too.
+                line.and_then(|l| key_at_line(text, l))
+            } else if message.starts_with("missing field") {
+                None
+            } else {
+                line.and_then(|l| key_at_line(text, l))
+            };
+            ConfigError {
+                file: file.to_string(),
+                line,
+                key,
+                message,
+            }
+        })?;
+        cfg.validate().map_err(|v| ConfigError {
+            file: file.to_string(),
+            line: find_key_line(text, &v.section, v.index, &v.key),
+            key: Some(match v.index {
+                Some(i) => format!("{}[{i}].{}", v.section, v.key),
+                None => format!("{}.{}", v.section, v.key),
+            }),
+            message: v.message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks the rules serde cannot express.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let inv = |section: &str, index: Option<usize>, key: &str, message: String| Invalid {
+            section: section.to_string(),
+            index,
+            key: key.to_string(),
+            message,
+        };
+        check_name(&self.node.name).map_err(|m| inv("node", None, "name", m))?;
+        check_name(&self.cluster.name).map_err(|m| inv("cluster", None, "name", m))?;
+        if self.cluster.members.is_empty() {
+            return Err(inv(
+                "cluster",
+                None,
+                "members",
+                "at least one member is required".into(),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, m) in self.cluster.members.iter().enumerate() {
+            let at = Some(i);
+            check_name(&m.name).map_err(|e| inv("cluster.members", at, "name", e))?;
+            if !seen.insert(m.name.as_str()) {
+                return Err(inv(
+                    "cluster.members",
+                    at,
+                    "name",
+                    format!("member {:?} is listed twice", m.name),
+                ));
+            }
+            if m.host.trim().is_empty() || m.host.contains(char::is_whitespace) {
+                return Err(inv(
+                    "cluster.members",
+                    at,
+                    "host",
+                    format!("{:?} is not a host name or address", m.host),
+                ));
+            }
+            for (key, port) in [
+                ("pg_port", m.pg_port),
+                ("health_port", m.health_port),
+                ("api_port", m.api_port),
+            ] {
+                if port == 0 {
+                    return Err(inv(
+                        "cluster.members",
+                        at,
+                        key,
+                        "port 0 is not allowed".into(),
+                    ));
+                }
+            }
+        }
+        if self.member(&self.node.name).is_none() {
+            return Err(inv(
+                "node",
+                None,
+                "name",
+                format!(
+                    "{:?} is not among cluster.members ({})",
+                    self.node.name,
+                    self.member_names().join(", ")
+                ),
+            ));
+        }
+        if self.member(&self.cluster.initial_primary).is_none() {
+            return Err(inv(
+                "cluster",
+                None,
+                "initial_primary",
+                format!(
+                    "{:?} is not among cluster.members ({})",
+                    self.cluster.initial_primary,
+                    self.member_names().join(", ")
+                ),
+            ));
+        }
+        if self.node.loop_wait.0 < std::time::Duration::from_millis(100) {
+            return Err(inv(
+                "node",
+                None,
+                "loop_wait",
+                "must be at least 100ms".into(),
+            ));
+        }
+        if self.api.token.is_some() && self.api.token_file.is_some() {
+            return Err(inv(
+                "api",
+                None,
+                "token_file",
+                "set either token or token_file, not both".into(),
+            ));
+        }
+        if self.api.token.is_none() && self.api.token_file.is_none() {
+            return Err(inv(
+                "api",
+                None,
+                "token",
+                "the agent API needs a bearer token: set token or token_file".into(),
+            ));
+        }
+        if let Some(t) = &self.api.token {
+            if t.len() < 16 {
+                return Err(inv(
+                    "api",
+                    None,
+                    "token",
+                    "must be at least 16 characters long".into(),
+                ));
+            }
+        }
+        for (section, key, value) in [
+            ("api", "listen", &self.api.listen),
+            ("health", "listen", &self.health.listen),
+        ] {
+            if let Some(v) = value {
+                if v.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(inv(
+                        section,
+                        None,
+                        key,
+                        format!("{v:?} is not an address:port such as 0.0.0.0:8008"),
+                    ));
+                }
+            }
+        }
+        let pg = &self.postgresql;
+        for (key, v) in [
+            ("bin_dir", &pg.bin_dir),
+            ("data_dir", &pg.data_dir),
+            ("socket_dir", &pg.socket_dir),
+        ] {
+            if !v.starts_with('/') {
+                return Err(inv(
+                    "postgresql",
+                    None,
+                    key,
+                    format!("{v:?} must be an absolute path"),
+                ));
+            }
+        }
+        if !self.node.state_dir.starts_with('/') {
+            return Err(inv(
+                "node",
+                None,
+                "state_dir",
+                format!("{:?} must be an absolute path", self.node.state_dir),
+            ));
+        }
+        for (key, a, b) in [
+            (
+                "superuser_password",
+                &pg.superuser_password,
+                &pg.superuser_password_file,
+            ),
+            (
+                "replication_password",
+                &pg.replication_password,
+                &pg.replication_password_file,
+            ),
+        ] {
+            match (a, b) {
+                (Some(_), Some(_)) => {
+                    return Err(inv(
+                        "postgresql",
+                        None,
+                        key,
+                        format!("set either {key} or {key}_file, not both"),
+                    ))
+                }
+                (None, None) => {
+                    return Err(inv(
+                        "postgresql",
+                        None,
+                        key,
+                        format!("a password is required: set {key} or {key}_file"),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        for u in [&pg.superuser, &pg.replication_user] {
+            check_name(u).map_err(|m| inv("postgresql", None, "superuser", m))?;
+        }
+        if pg.superuser == pg.replication_user {
+            return Err(inv(
+                "postgresql",
+                None,
+                "replication_user",
+                "must differ from superuser".into(),
+            ));
+        }
+        if let Some(v) = pg.major_version {
+            if v < 12 {
+                return Err(inv(
+                    "postgresql",
+                    None,
+                    "major_version",
+                    format!("PostgreSQL {v} is not supported: 12 or later is required"),
+                ));
+            }
+        }
+        for (name, value) in &pg.parameters {
+            let at = |m: String| Invalid {
+                section: "postgresql.parameters".into(),
+                index: None,
+                key: name.clone(),
+                message: m,
+            };
+            if MANAGED_PARAMETERS.contains(&name.as_str()) {
+                return Err(at(format!(
+                    "{name} is set by pgwarden for each node and cannot be configured here"
+                )));
+            }
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            {
+                return Err(at(format!("{name:?} is not a parameter name")));
+            }
+            if name == "wal_level" {
+                let ok = matches!(value.as_str(), Some("replica") | Some("logical"));
+                if !ok {
+                    return Err(at(
+                        "wal_level must be replica or logical for replication".into()
+                    ));
+                }
+            }
+            if matches!(value, toml::Value::Array(_) | toml::Value::Table(_)) {
+                return Err(at("a parameter must be a string, number or boolean".into()));
+            }
+        }
+        for line in &pg.pg_hba {
+            if line.contains('\n') || line.trim().is_empty() {
+                return Err(inv(
+                    "postgresql",
+                    None,
+                    "pg_hba",
+                    format!("{line:?} is not one pg_hba.conf line"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.cluster.members.iter().find(|m| m.name == name)
+    }
+
+    /// This node's own member entry. Validation guarantees it exists.
+    pub fn me(&self) -> &Member {
+        self.member(&self.node.name)
+            .unwrap_or(&self.cluster.members[0])
+    }
+
+    /// Every member except this node.
+    pub fn peers(&self) -> impl Iterator<Item = &Member> {
+        self.cluster
+            .members
+            .iter()
+            .filter(move |m| m.name != self.node.name)
+    }
+
+    pub fn member_names(&self) -> Vec<String> {
+        self.cluster
+            .members
+            .iter()
+            .map(|m| m.name.clone())
+            .collect()
+    }
+
+    pub fn health_listen(&self) -> String {
+        self.health
+            .listen
+            .clone()
+            .unwrap_or_else(|| format!("0.0.0.0:{}", self.me().health_port))
+    }
+
+    pub fn api_listen(&self) -> String {
+        self.api
+            .listen
+            .clone()
+            .unwrap_or_else(|| format!("0.0.0.0:{}", self.me().api_port))
+    }
+}
+
+/// A validation failure before it is located in the file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub section: String,
+    pub index: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+/// Names of nodes, clusters and roles: letters, digits, `_` and `-`, at most 63 characters,
+/// starting with a letter. Node names become replication slot names (with `-` mapped to `_`).
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.starts_with(|c: char| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name: use 1-63 letters, digits, '_' or '-', starting with a letter"
+        ))
+    }
+}
+
+/// The physical replication slot a member streams through.
+pub fn slot_name(member: &str) -> String {
+    member.to_ascii_lowercase().replace('-', "_")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[node]
+name = "n1"
+state_dir = "/var/lib/pgwarden"
+loop_wait = "500ms"
+
+[cluster]
+name = "main"
+initial_primary = "n1"
+
+[[cluster.members]]
+name = "n1"
+host = "10.0.0.11"
+
+[[cluster.members]]
+name = "n2"
+host = "10.0.0.12"
+pg_port = 5433
+
+[api]
+token = "0123456789abcdef0123"
+
+[postgresql]
+data_dir = "/var/lib/postgresql/15/main"
+superuser_password = "pw"
+replication_password = "rpw"
+
+[postgresql.parameters]
+max_connections = 200
+shared_buffers = "128MB"
+"#;
+
+    fn parse(t: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(t, "/etc/pgwarden/agent.toml")
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node.loop_wait, ConfDuration::millis(500));
+        assert_eq!(c.me().pg_port, 5432);
+        assert_eq!(c.member("n2").unwrap().pg_port, 5433);
+        assert_eq!(c.health_listen(), "0.0.0.0:8008");
+        assert_eq!(c.api_listen(), "0.0.0.0:8443");
+        assert_eq!(c.postgresql.os_user, "postgres");
+        assert_eq!(
+            c.peers().map(|m| m.name.as_str()).collect::<Vec<_>>(),
+            ["n2"]
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file_and_line() {
+        let t = GOOD.replace("loop_wait = \"500ms\"", "loop_wiat = \"500ms\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.file, "/etc/pgwarden/agent.toml");
+        assert_eq!(e.line, Some(5));
+        assert!(e.message.contains("loop_wiat"), "{e}");
+        assert!(
+            e.to_string().starts_with("/etc/pgwarden/agent.toml:5: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_member_table() {
+        let t = GOOD.replace("pg_port = 5433", "pgport = 5433");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.line, Some(18));
+        assert!(e.message.contains("pgport"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let t = GOOD.replace("pg_port = 5433", "pg_port = \"fast\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.line, Some(18));
+        assert_eq!(e.key.as_deref(), Some("cluster.members.pg_port"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let t = GOOD.replace("\"500ms\"", "\"5 parsecs\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.line, Some(5));
+        assert_eq!(e.key.as_deref(), Some("node.loop_wait"));
+        assert!(e.message.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let e = parse("[node]\nname = \n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let e = parse("[node]\nname = \"n1\"\n").unwrap_err();
+        assert!(e.message.contains("missing field"), "{e}");
+    }
+
+    #[test]
+    fn node_must_be_a_member() {
+        let t = GOOD.replace("name = \"n1\"\nstate_dir", "name = \"n9\"\nstate_dir");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("node.name"));
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("n1, n2"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_key_and_line() {
+        let cases = [
+            (
+                "initial_primary = \"n1\"",
+                "initial_primary = \"zz\"",
+                "cluster.initial_primary",
+                9,
+            ),
+            (
+                "loop_wait = \"500ms\"",
+                "loop_wait = \"10ms\"",
+                "node.loop_wait",
+                5,
+            ),
+            (
+                "token = \"0123456789abcdef0123\"",
+                "token = \"short\"",
+                "api.token",
+                21,
+            ),
+            (
+                "shared_buffers = \"128MB\"",
+                "port = 6543",
+                "postgresql.parameters.port",
+                30,
+            ),
+            (
+                "host = \"10.0.0.12\"",
+                "host = \"10.0.0.11\"\nname = \"n1\"",
+                "",
+                0,
+            ),
+        ];
+        for (from, to, key, line) in cases {
+            let t = GOOD.replace(from, to);
+            let e = parse(&t).unwrap_err();
+            if key.is_empty() {
+                continue; // duplicate key is a TOML error, covered elsewhere
+            }
+            assert_eq!(e.key.as_deref(), Some(key), "{to}: {e}");
+            assert_eq!(e.line, Some(line), "{to}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_member_is_refused() {
+        let t = GOOD.replace("name = \"n2\"", "name = \"n1\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("cluster.members[1].name"));
+        assert_eq!(e.line, Some(16));
+    }
+
+    #[test]
+    fn wal_level_minimal_is_refused() {
+        let t = GOOD.replace("max_connections = 200", "wal_level = \"minimal\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("postgresql.parameters.wal_level"));
+    }
+
+    #[test]
+    fn names_and_slots() {
+        assert!(check_name("pg-1").is_ok());
+        assert!(check_name("1pg").is_err());
+        assert!(check_name("a b").is_err());
+        assert!(check_name("").is_err());
+        assert_eq!(slot_name("PG-1"), "pg_1");
+    }
+}

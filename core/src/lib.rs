@@ -1,0 +1,15 @@
+//! pgwarden's pure core: domain types, API types and the decisions, with no I/O and no clock
+//! of its own, so that it compiles to wasm and most tests can live here.
+
+pub mod api;
+pub mod config;
+pub mod decide;
+pub mod duration;
+pub mod event;
+pub mod health;
+pub mod lsn;
+pub mod metrics;
+pub mod pgtext;
+pub mod status;
+
+pub use lsn::Lsn;
