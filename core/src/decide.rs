@@ -50,6 +50,8 @@ pub struct Observed {
     pub may_bootstrap: bool,
     /// Some peer already runs a PostgreSQL cluster (so initdb would make a second one).
     pub peer_has_cluster: bool,
+    /// The intended upstream runs PostgreSQL and can serve a base backup.
+    pub upstream_ready: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,9 +102,11 @@ pub fn next_action(intent: &Intent, obs: &Observed, pending: Option<OneShot>) ->
                  it is left untouched (upgrade it or point data_dir elsewhere)"
             ))
         }
-        DataDir::NotPostgres(why) => return Action::Refuse(format!(
+        DataDir::NotPostgres(why) => {
+            return Action::Refuse(format!(
             "the data directory is not a PostgreSQL data directory ({why}); it is left untouched"
-        )),
+        ))
+        }
         _ => {}
     }
     if pending == Some(OneShot::Reinitialize) {
@@ -122,7 +126,10 @@ pub fn next_action(intent: &Intent, obs: &Observed, pending: Option<OneShot>) ->
                 "the data directory is empty and this node is not the initial primary".into(),
             ),
             (DesiredRole::Primary, _) => Action::Bootstrap,
-            (DesiredRole::Replica, Some(from)) => Action::Clone { from },
+            (DesiredRole::Replica, Some(from)) if obs.upstream_ready => Action::Clone { from },
+            (DesiredRole::Replica, Some(from)) => {
+                Action::Wait(format!("waiting for {from} to run before cloning from it"))
+            }
             (DesiredRole::Replica, None) => Action::Wait("no upstream to clone from".into()),
         },
         (DataDir::Empty, _) => Action::Wait("PostgreSQL runs without a data directory".into()),
@@ -181,6 +188,7 @@ mod tests {
             diverged: false,
             may_bootstrap: false,
             peer_has_cluster: false,
+            upstream_ready: true,
         }
     }
     const VALID: DataDir = DataDir::Valid {
@@ -205,6 +213,11 @@ mod tests {
             next_action(&Intent::replica_of("n1"), &o, None),
             Action::Clone { from: "n1".into() }
         );
+        o.upstream_ready = false;
+        assert!(matches!(
+            next_action(&Intent::replica_of("n1"), &o, None),
+            Action::Wait(w) if w.contains("n1")
+        ));
     }
 
     #[test]

@@ -141,6 +141,8 @@ pub struct NodeStatus {
     /// How often the agent restarted PostgreSQL after it died.
     pub crash_restarts: u64,
     pub last_error: Option<String>,
+    /// What the agent is waiting for before it can act, if anything.
+    pub waiting_for: Option<String>,
     /// When the agent's loop last completed, in milliseconds since the Unix epoch.
     pub last_loop_ms: u64,
     pub agent_version: String,

@@ -1,0 +1,759 @@
+//! The agent's loop: every `loop_wait` it observes PostgreSQL and its peers, asks
+//! `pgwarden_core::decide::next_action` what to do, and does it. API operations change the
+//! intent (or ask for a one-shot restart/reinitialize) and then run the same loop until it
+//! converges, so there is one code path for everything the agent does. Operations run inside
+//! the loop task: they are single-flight and finish even if the caller disconnects.
+
+use crate::events::EventLog;
+use crate::pg::{Pg, SqlStatus};
+use crate::sys::{self, now_ms};
+use anyhow::{anyhow, Context, Result};
+use pgwarden_core::config::{AgentConfig, Member};
+use pgwarden_core::decide::{next_action, Action, DataDir, Observed, OneShot, Postmaster};
+use pgwarden_core::pgtext::{self, RewindNeed};
+use pgwarden_core::status::{
+    DesiredRole, Intent, NodeStatus, PgState, Progress, Role, WalPositions,
+};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+/// An operation requested through the API.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Promote,
+    Demote { primary: String },
+    Follow { primary: String },
+    Restart,
+    Reinitialize,
+}
+
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Promote => "promote",
+            Op::Demote { .. } => "demote",
+            Op::Follow { .. } => "follow",
+            Op::Restart => "restart",
+            Op::Reinitialize => "reinitialize",
+        }
+    }
+}
+
+/// Why an operation was refused or failed, with the HTTP status and the field at fault.
+#[derive(Clone, Debug)]
+pub struct OpError {
+    pub status: u16,
+    pub message: String,
+    pub field: Option<String>,
+}
+
+impl OpError {
+    fn new(status: u16, message: impl Into<String>) -> OpError {
+        OpError {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+}
+
+pub struct OpRequest {
+    pub op: Op,
+    pub reply: oneshot::Sender<Result<String, OpError>>,
+}
+
+/// State shared with the HTTP servers.
+pub struct Shared {
+    pub cfg: Arc<AgentConfig>,
+    pub status: RwLock<NodeStatus>,
+    pub events: EventLog,
+    pub token: String,
+    pub ops: mpsc::Sender<OpRequest>,
+}
+
+impl Shared {
+    pub fn status(&self) -> NodeStatus {
+        self.status.read().map(|s| s.clone()).unwrap_or_default()
+    }
+    fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
+        if let Ok(mut s) = self.status.write() {
+            f(&mut s);
+        }
+    }
+}
+
+pub struct Agent {
+    shared: Arc<Shared>,
+    cfg: Arc<AgentConfig>,
+    pg: Pg,
+    intent: Intent,
+    pending: Option<OneShot>,
+    http: reqwest::Client,
+    peers: Vec<(Member, Option<NodeStatus>)>,
+    crash_restarts: u64,
+    last_error: Option<String>,
+    last_refusal: Option<String>,
+    state_override: Option<PgState>,
+}
+
+fn intent_path(cfg: &AgentConfig) -> PathBuf {
+    PathBuf::from(&cfg.node.state_dir).join("intent.json")
+}
+
+impl Agent {
+    pub fn new(shared: Arc<Shared>, pg: Pg) -> Result<Agent> {
+        let cfg = shared.cfg.clone();
+        let intent = Self::initial_intent(&cfg, &pg)?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(
+                (cfg.node.loop_wait.0.as_millis() as u64 / 2).clamp(200, 2000),
+            ))
+            .build()
+            .context("build HTTP client")?;
+        let peers = cfg.peers().map(|m| (m.clone(), None)).collect();
+        let agent = Agent {
+            shared,
+            cfg,
+            pg,
+            intent,
+            pending: None,
+            http,
+            peers,
+            crash_restarts: 0,
+            last_error: None,
+            last_refusal: None,
+            state_override: None,
+        };
+        agent.save_intent()?;
+        Ok(agent)
+    }
+
+    /// The intent on record, or — on a first start — what the data directory and the
+    /// configuration say: an existing data directory is adopted in the role it has.
+    fn initial_intent(cfg: &AgentConfig, pg: &Pg) -> Result<Intent> {
+        let path = intent_path(cfg);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("parse {}", path.display()));
+        }
+        let initial = &cfg.cluster.initial_primary;
+        Ok(match pg.data_dir_state() {
+            DataDir::Valid {
+                standby_signal: true,
+            } => Intent::replica_of(&pg.configured_upstream().unwrap_or_else(|| initial.clone())),
+            DataDir::Valid { .. } => Intent::primary(),
+            _ if cfg.node.name == *initial => Intent::primary(),
+            _ => Intent::replica_of(initial),
+        })
+    }
+
+    fn save_intent(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(&self.intent)?;
+        sys::write_atomic(&intent_path(&self.cfg), &text)
+    }
+
+    fn member(&self, name: &str) -> Result<Member> {
+        self.cfg
+            .member(name)
+            .cloned()
+            .ok_or_else(|| anyhow!("{name:?} is not a member of the cluster"))
+    }
+
+    /// Runs the loop forever: ticks and operations, one at a time.
+    pub async fn run(mut self, mut ops: mpsc::Receiver<OpRequest>) {
+        if let Some(pid) = self.pg.adopt_running() {
+            self.shared.events.record(
+                "postgres_adopted",
+                format!("adopted the running postmaster (pid {pid})"),
+            );
+        }
+        let mut tick = tokio::time::interval(self.cfg.node.loop_wait.0);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                req = ops.recv() => {
+                    let Some(req) = req else { return };
+                    let res = self.handle_op(req.op).await;
+                    let _ = req.reply.send(res);
+                }
+                _ = tick.tick() => {
+                    self.step().await;
+                }
+            }
+        }
+    }
+
+    async fn handle_op(&mut self, op: Op) -> Result<String, OpError> {
+        let name = op.name();
+        let status = self.shared.status();
+        let other_member = |n: &str| -> Result<(), OpError> {
+            if n == self.cfg.node.name {
+                return Err(OpError {
+                    status: 422,
+                    message: format!("primary: {n:?} is this node"),
+                    field: Some("primary".into()),
+                });
+            }
+            if self.cfg.member(n).is_none() {
+                return Err(OpError {
+                    status: 422,
+                    message: format!(
+                        "primary: {n:?} is not a member ({})",
+                        self.cfg.member_names().join(", ")
+                    ),
+                    field: Some("primary".into()),
+                });
+            }
+            Ok(())
+        };
+        match &op {
+            Op::Promote => self.intent = Intent::primary(),
+            Op::Demote { primary } => {
+                other_member(primary)?;
+                self.intent = Intent::replica_of(primary);
+            }
+            Op::Follow { primary } => {
+                other_member(primary)?;
+                if status.role == Role::Primary || self.intent.role == DesiredRole::Primary {
+                    return Err(OpError::new(
+                        409,
+                        "this node is the primary: use demote to make it follow another node",
+                    ));
+                }
+                self.intent = Intent::replica_of(primary);
+            }
+            Op::Restart => self.pending = Some(OneShot::Restart),
+            Op::Reinitialize => {
+                if self.intent.role != DesiredRole::Replica || status.role == Role::Primary {
+                    return Err(OpError::new(409, "only a replica can be reinitialized"));
+                }
+                self.pending = Some(OneShot::Reinitialize);
+            }
+        }
+        self.save_intent()
+            .map_err(|e| OpError::new(500, format!("save intent: {e:#}")))?;
+        self.shared.events.record(
+            "operation",
+            format!("{name} requested through the API ({op:?})"),
+        );
+        let deadline = Instant::now()
+            + self.cfg.postgresql.start_timeout.0
+            + self.cfg.postgresql.stop_timeout.0
+            + Duration::from_secs(600);
+        loop {
+            self.last_error = None;
+            let action = self.step().await;
+            if let Some(e) = &self.last_error {
+                return Err(OpError::new(
+                    500,
+                    format!("{name} failed: {e} (the agent keeps trying)"),
+                ));
+            }
+            match action {
+                Action::Nothing if self.pending.is_none() => {
+                    return Ok(format!("{name} done"));
+                }
+                Action::Refuse(why) => {
+                    self.pending = None;
+                    return Err(OpError::new(409, why));
+                }
+                Action::Wait(_) | Action::Nothing => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(OpError::new(
+                    504,
+                    format!("{name} did not complete in time (the agent keeps trying)"),
+                ));
+            }
+        }
+    }
+
+    /// One observe → decide → execute round. Returns the action it took.
+    pub async fn step(&mut self) -> Action {
+        let obs = self.observe().await;
+        let action = next_action(&self.intent, &obs, self.pending);
+        let waiting = match &action {
+            Action::Wait(w) => Some(w.clone()),
+            _ => None,
+        };
+        self.shared.update(|s| s.waiting_for = waiting);
+        match &action {
+            Action::Nothing | Action::Wait(_) => {}
+            Action::Refuse(why) => {
+                if self.last_refusal.as_deref() != Some(why) {
+                    self.shared.events.record("refused", why.clone());
+                    tracing::error!("{why}");
+                }
+                self.last_refusal = Some(why.clone());
+                self.pending = None;
+                self.shared.update(|s| {
+                    s.state = PgState::Refused;
+                    s.last_error = Some(why.clone());
+                });
+            }
+            a => {
+                tracing::info!(action = ?a, "acting");
+                if let Err(e) = self.execute(a).await {
+                    let msg = format!("{e:#}");
+                    tracing::error!(action = ?a, error = %msg, "action failed");
+                    self.shared
+                        .events
+                        .record("action_failed", format!("{a:?}: {msg}"));
+                    self.last_error = Some(msg);
+                }
+                self.state_override = None;
+                let err = self.last_error.clone();
+                self.shared.update(|s| {
+                    s.basebackup = None;
+                    s.last_error = err;
+                });
+            }
+        }
+        self.shared.update(|s| s.last_loop_ms = now_ms());
+        action
+    }
+
+    async fn poll_peers(&mut self) {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, (m, _)) in self.peers.iter().enumerate() {
+            let url = format!("http://{}:{}/status", m.host, m.health_port);
+            let http = self.http.clone();
+            set.spawn(async move {
+                let st = match http.get(&url).send().await {
+                    Ok(r) => r.json::<NodeStatus>().await.ok(),
+                    Err(_) => None,
+                };
+                (i, st)
+            });
+        }
+        while let Some(Ok((i, st))) = set.join_next().await {
+            self.peers[i].1 = st;
+        }
+    }
+
+    fn peer_status(&self, name: &str) -> Option<&NodeStatus> {
+        self.peers
+            .iter()
+            .find(|(m, _)| m.name == name)
+            .and_then(|(_, s)| s.as_ref())
+    }
+
+    async fn observe(&mut self) -> Observed {
+        if let Some(how) = self.pg.check_exit() {
+            self.crash_restarts += 1;
+            self.shared.events.record(
+                "postgres_crashed",
+                format!("the postmaster died ({how}); restarting it in place"),
+            );
+        }
+        self.poll_peers().await;
+        let data_dir = self.pg.data_dir_state();
+        let mut sql: Option<SqlStatus> = None;
+        let postmaster = if self.pg.is_running() {
+            match self.pg.query_status().await {
+                Ok(st) => {
+                    let role = if st.in_recovery {
+                        Role::Replica
+                    } else {
+                        Role::Primary
+                    };
+                    sql = Some(st);
+                    Postmaster::Running(role)
+                }
+                Err(_) => Postmaster::Starting,
+            }
+        } else {
+            Postmaster::Stopped
+        };
+        if let Some(st) = &sql {
+            if let Err(e) = self.pg.maintain_slots(st.in_recovery).await {
+                tracing::warn!(error = %format!("{e:#}"), "maintain replication slots");
+            }
+        }
+        let following = match data_dir {
+            DataDir::Valid { .. } => self.pg.configured_upstream(),
+            _ => None,
+        };
+        let upstream = self.intent.upstream.clone();
+        let upstream_status = upstream.as_deref().and_then(|u| self.peer_status(u));
+        let upstream_ready = upstream_status.is_some_and(|s| s.state == PgState::Running);
+        let diverged = match (&sql, upstream_status) {
+            (Some(st), Some(up))
+                if st.in_recovery
+                    && following == upstream
+                    && !st
+                        .wal_receiver
+                        .as_ref()
+                        .is_some_and(|w| w.status == "streaming")
+                    && up.timeline > st.timeline =>
+            {
+                self.check_diverged(st).await
+            }
+            _ => false,
+        };
+        let peer_has_cluster = self.peers.iter().any(|(_, s)| {
+            s.as_ref()
+                .is_some_and(|s| s.system_identifier.is_some() || s.state == PgState::Running)
+        });
+        self.publish(&data_dir, postmaster, sql.as_ref(), following.clone());
+        Observed {
+            data_dir,
+            postmaster,
+            following,
+            diverged,
+            may_bootstrap: self.cfg.node.name == self.cfg.cluster.initial_primary,
+            peer_has_cluster,
+            upstream_ready,
+        }
+    }
+
+    /// A running replica that does not stream and whose upstream moved to a newer timeline:
+    /// has its WAL gone past the point where the upstream's timeline forked?
+    async fn check_diverged(&self, st: &SqlStatus) -> bool {
+        let Some(up) = self
+            .intent
+            .upstream
+            .as_deref()
+            .and_then(|u| self.cfg.member(u))
+        else {
+            return false;
+        };
+        let Some(local_tli) = st.timeline else {
+            return false;
+        };
+        let local_end = match (st.received, st.replayed) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        match self.pg.upstream_timeline(up).await {
+            Ok((tli, hist)) => {
+                let need = pgtext::rewind_need(local_tli, local_end, tli, &hist);
+                if let RewindNeed::Yes(why) = &need {
+                    tracing::warn!(upstream = %up.name, "diverged from upstream: {why}");
+                }
+                matches!(need, RewindNeed::Yes(_))
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot read upstream timeline");
+                false
+            }
+        }
+    }
+
+    /// Publishes what was observed as the node status.
+    fn publish(
+        &self,
+        data_dir: &DataDir,
+        pm: Postmaster,
+        sql: Option<&SqlStatus>,
+        following: Option<String>,
+    ) {
+        let me = &self.cfg.node.name;
+        let primary_peer = self
+            .peers
+            .iter()
+            .filter_map(|(_, s)| s.as_ref())
+            .find(|s| s.is_writable_primary());
+        let state = match (self.state_override, pm, data_dir) {
+            (Some(s), _, _) => s,
+            (_, _, DataDir::WrongVersion { .. } | DataDir::NotPostgres(_)) => PgState::Refused,
+            (_, Postmaster::Running(_), _) => PgState::Running,
+            (_, Postmaster::Starting, _) => PgState::Starting,
+            (_, Postmaster::Stopped, _) => PgState::Stopped,
+        };
+        let role = match pm {
+            Postmaster::Running(r) => r,
+            _ => Role::Unknown,
+        };
+        let mut primary_lsn = None;
+        let mut lag = None;
+        let mut sync_state = None;
+        if let Some(st) = sql {
+            if st.in_recovery {
+                let from_receiver = st.wal_receiver.as_ref().and_then(|w| w.latest_end_lsn);
+                let from_peer = primary_peer.and_then(|p| p.wal.write);
+                primary_lsn = from_receiver.max(from_peer);
+                let mine = st.replayed.or(st.received);
+                lag = match (primary_lsn, mine) {
+                    (Some(p), Some(m)) => Some(p.bytes_after(m)),
+                    _ => None,
+                };
+                sync_state = primary_peer.and_then(|p| {
+                    p.replication
+                        .iter()
+                        .find(|r| &r.application_name == me)
+                        .map(|r| r.sync_state.clone())
+                });
+            } else {
+                primary_lsn = st.write;
+            }
+        }
+        let intent = self.intent.clone();
+        let crash_restarts = self.crash_restarts;
+        self.shared.update(|s| {
+            s.name = me.clone();
+            s.cluster = self.cfg.cluster.name.clone();
+            s.role = role;
+            s.state = state;
+            s.intent = intent;
+            s.upstream = if role == Role::Replica {
+                following
+            } else {
+                None
+            };
+            s.primary_lsn = primary_lsn;
+            s.lag_bytes = lag;
+            s.sync_state = sync_state;
+            s.crash_restarts = crash_restarts;
+            s.agent_version = env!("CARGO_PKG_VERSION").into();
+            match sql {
+                Some(st) => {
+                    s.server_version = Some(st.server_version);
+                    s.system_identifier = Some(st.system_identifier.clone());
+                    s.timeline = st.timeline;
+                    s.postmaster_start_time = Some(st.started.clone());
+                    s.wal = WalPositions {
+                        write: st.write,
+                        flush: st.flush,
+                        received: st.received,
+                        replayed: st.replayed,
+                    };
+                    s.wal_receiver = st.wal_receiver.clone();
+                    s.replication = st.replication.clone();
+                    s.pending_restart = !st.pending_restart.is_empty();
+                    s.pending_restart_params = st.pending_restart.clone();
+                }
+                None => {
+                    s.postmaster_start_time = None;
+                    s.wal = WalPositions::default();
+                    s.wal_receiver = None;
+                    s.replication = Vec::new();
+                    if matches!(data_dir, DataDir::Empty) {
+                        s.system_identifier = None;
+                        s.timeline = None;
+                    }
+                }
+            }
+        });
+    }
+
+    fn set_state(&mut self, st: PgState) {
+        self.state_override = Some(st);
+        self.shared.update(|s| {
+            s.state = st;
+            s.last_loop_ms = now_ms();
+        });
+    }
+
+    async fn execute(&mut self, action: &Action) -> Result<()> {
+        let ev = &self.shared.events;
+        match action {
+            Action::Nothing | Action::Wait(_) | Action::Refuse(_) => Ok(()),
+            Action::Bootstrap => {
+                self.set_state(PgState::Bootstrapping);
+                self.pg.initdb().await.context("initdb")?;
+                self.shared
+                    .events
+                    .record("bootstrapped", "initialized a new cluster with initdb");
+                self.pg.write_config(None)?;
+                self.pg.start().await.context("start postgres")?;
+                self.pg.ensure_roles().await?;
+                self.shared
+                    .events
+                    .record("postgres_started", "started as primary");
+                Ok(())
+            }
+            Action::Clone { from } => {
+                let up = self.member(from)?;
+                self.clone_from(&up).await
+            }
+            Action::Start { standby_of } => {
+                match standby_of {
+                    Some(up) => {
+                        let up = self.member(up)?;
+                        self.prepare_standby(&up, false).await?;
+                        self.pg.write_config(Some(&up))?;
+                    }
+                    None => self.pg.write_config(None)?,
+                }
+                self.pg.start().await.context("start postgres")?;
+                let st = self.pg.query_status().await?;
+                if !st.in_recovery {
+                    self.pg.ensure_roles().await?;
+                }
+                let how = match standby_of {
+                    Some(up) => format!("started as a standby of {up}"),
+                    None if st.in_recovery => "started (in recovery)".to_string(),
+                    None => "started as primary".to_string(),
+                };
+                self.shared.events.record("postgres_started", how);
+                Ok(())
+            }
+            Action::Promote => {
+                self.pg.promote().await?;
+                self.pg.ensure_roles().await?;
+                ev.record("promoted", "promoted to primary");
+                Ok(())
+            }
+            Action::Demote { follow } => {
+                let up = self.member(follow)?;
+                let clean = self.pg.stop(true).await?;
+                self.shared.events.record(
+                    "postgres_stopped",
+                    format!("stopped for demotion (clean: {clean})"),
+                );
+                self.prepare_standby(&up, false).await?;
+                self.pg.write_config(Some(&up))?;
+                self.pg.start().await.context("start as standby")?;
+                self.shared
+                    .events
+                    .record("demoted", format!("demoted; now a standby of {follow}"));
+                Ok(())
+            }
+            Action::Follow { upstream } => {
+                let up = self.member(upstream)?;
+                self.pg.follow_running(&up).await?;
+                ev.record("followed", format!("now streaming from {upstream}"));
+                Ok(())
+            }
+            Action::Rejoin { from } => {
+                let up = self.member(from)?;
+                self.pg.stop(true).await?;
+                self.prepare_standby(&up, true).await?;
+                self.pg.write_config(Some(&up))?;
+                self.pg.start().await.context("start as standby")?;
+                self.shared
+                    .events
+                    .record("rejoined", format!("rejoined as a standby of {from}"));
+                Ok(())
+            }
+            Action::Restart => {
+                self.pending = None;
+                self.pg.stop(true).await?;
+                let up = match &self.intent.upstream {
+                    Some(u) if self.intent.role == DesiredRole::Replica => Some(self.member(u)?),
+                    _ => None,
+                };
+                self.pg.write_config(up.as_ref())?;
+                self.pg.start().await.context("start postgres")?;
+                self.shared
+                    .events
+                    .record("postgres_restarted", "restarted on request");
+                Ok(())
+            }
+            Action::Reinitialize { from } => {
+                self.pending = None;
+                let up = self.member(from)?;
+                self.pg.stop(true).await?;
+                self.move_aside()?;
+                self.clone_from(&up).await
+            }
+        }
+    }
+
+    fn move_aside(&self) -> Result<()> {
+        if matches!(self.pg.data_dir_state(), DataDir::Empty) {
+            return Ok(());
+        }
+        let to = self.pg.move_aside(now_ms())?;
+        self.shared.events.record(
+            "data_dir_moved_aside",
+            format!(
+                "moved the old data directory aside to {} (kept, not deleted)",
+                to.display()
+            ),
+        );
+        Ok(())
+    }
+
+    async fn clone_from(&mut self, up: &Member) -> Result<()> {
+        self.set_state(PgState::Cloning);
+        self.shared.events.record(
+            "clone_started",
+            format!("building a replica from {} with pg_basebackup", up.name),
+        );
+        let shared = self.shared.clone();
+        self.pg
+            .basebackup(up, |done, total| {
+                shared.update(|s| {
+                    s.basebackup = Some(Progress {
+                        done_bytes: done,
+                        total_bytes: total,
+                    });
+                    s.last_loop_ms = now_ms();
+                })
+            })
+            .await?;
+        self.shared
+            .events
+            .record("cloned", format!("base backup from {} complete", up.name));
+        self.pg.write_config(Some(up))?;
+        self.pg.start().await.context("start new replica")?;
+        self.shared.events.record(
+            "postgres_started",
+            format!("started as a standby of {}", up.name),
+        );
+        Ok(())
+    }
+
+    /// Before a stopped node starts as a standby of `up`: if it ran as a primary, or `force`,
+    /// compare its WAL with the upstream's timeline history and pg_rewind when it diverged.
+    /// When pg_rewind fails the data directory is moved aside and cloned afresh.
+    async fn prepare_standby(&mut self, up: &Member, force: bool) -> Result<()> {
+        let cd = self.pg.controldata().await?;
+        let was_primary = !cd.state.contains("recovery");
+        if !force && !was_primary {
+            // A replica's WAL is checked against the upstream once it runs.
+            return Ok(());
+        }
+        let (tli, hist) = self.pg.upstream_timeline(up).await.with_context(|| {
+            format!(
+                "cannot check this node's timeline against {} before starting it as a standby",
+                up.name
+            )
+        })?;
+        let need = if force {
+            RewindNeed::Yes("the replica's WAL diverged from its upstream".into())
+        } else {
+            pgtext::rewind_need(
+                cd.checkpoint_timeline,
+                pgtext::known_end_of_wal(&cd),
+                tli,
+                &hist,
+            )
+        };
+        let why = match need {
+            RewindNeed::No => return Ok(()),
+            RewindNeed::Yes(w) | RewindNeed::Unknown(w) => w,
+        };
+        self.set_state(PgState::Rewinding);
+        self.shared.events.record(
+            "rewind_started",
+            format!("running pg_rewind from {}: {why}", up.name),
+        );
+        match self.pg.rewind(up).await {
+            Ok(msg) => {
+                self.shared
+                    .events
+                    .record("rewind", format!("pg_rewind from {}: {msg}", up.name));
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.events.record(
+                    "rewind_failed",
+                    format!("pg_rewind from {} failed: {e:#}; cloning afresh", up.name),
+                );
+                self.move_aside()?;
+                self.clone_from(up).await?;
+                // clone_from started PostgreSQL; stop it so the caller starts it once.
+                self.pg.stop(true).await?;
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The agent's two HTTP servers: the unauthenticated health checks (Patroni-compatible, port
+//! 8008 by default) with `/status` and `/metrics`, and the authenticated agent API (bearer
+//! token, port 8443 by default) for operations.
+
+use crate::agent::{Op, OpRequest, Shared};
+use crate::sys::now_ms;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pgwarden_core::api::{DemoteRequest, FollowRequest, OperationResult, Problem};
+use pgwarden_core::health::{self, Check, CheckOptions, Clock};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+fn problem(p: Problem) -> Response {
+    let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut r = (status, Json(p)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+fn liveness_timeout_ms(shared: &Shared) -> u64 {
+    (shared.cfg.node.loop_wait.0.as_millis() as u64 * 10).max(30_000)
+}
+
+/// The health-check router (no authentication).
+pub fn health_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/", get(status_handler))
+        .route("/status", get(status_handler))
+        .route("/metrics", get(metrics_handler))
+        .fallback(check_handler)
+        .with_state(shared)
+}
+
+async fn status_handler(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.status()).into_response()
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        pgwarden_core::metrics::render(&shared.status()),
+    )
+        .into_response()
+}
+
+async fn check_handler(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let Some(check) = Check::from_path(req.uri().path()) else {
+        return problem(Problem::new(
+            404,
+            "Not Found",
+            format!("no health check at {}", req.uri().path()),
+        ));
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return problem(Problem::new(
+            405,
+            "Method Not Allowed",
+            "health checks answer GET, HEAD and OPTIONS",
+        ));
+    }
+    let opts = match CheckOptions::from_query(req.uri().query()) {
+        Ok(o) => o,
+        Err(e) => return problem(Problem::new(400, "Bad Request", e).field("lag")),
+    };
+    let status = shared.status();
+    let clock = Clock {
+        now_ms: now_ms(),
+        liveness_timeout_ms: liveness_timeout_ms(&shared),
+    };
+    let code = if health::passes(check, &status, opts, clock) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(status)).into_response()
+}
+
+/// The authenticated agent API router.
+pub fn api_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status_handler))
+        .route("/v1/events", get(events_handler))
+        .route("/v1/promote", post(promote))
+        .route("/v1/demote", post(demote))
+        .route("/v1/follow", post(follow))
+        .route("/v1/restart", post(restart))
+        .route("/v1/reinitialize", post(reinitialize))
+        .fallback(|| async { problem(Problem::new(404, "Not Found", "no such API route")) })
+        .layer(middleware::from_fn_with_state(shared.clone(), auth))
+        .with_state(shared)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), shared.token.as_bytes()) => next.run(req).await,
+        _ => {
+            let mut r = problem(Problem::new(
+                401,
+                "Unauthorized",
+                "a valid bearer token is required (Authorization: Bearer …)",
+            ));
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
+
+async fn events_handler(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.events.recent()).into_response()
+}
+
+/// JSON bodies whose errors come back as problem documents naming the field.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = Response;
+    async fn from_request(req: Request<Body>, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => {
+                let text = rej.body_text();
+                let field = text
+                    .split('`')
+                    .nth(1)
+                    .filter(|_| text.contains("field"))
+                    .map(String::from);
+                let status = match rej {
+                    JsonRejection::JsonDataError(_) => 422,
+                    JsonRejection::MissingJsonContentType(_) => 415,
+                    _ => 400,
+                };
+                let mut p = Problem::new(status, "Invalid request body", text);
+                p.field = field;
+                Err(problem(p))
+            }
+        }
+    }
+}
+
+async fn run_op(shared: Arc<Shared>, op: Op) -> Response {
+    let name = op.name().to_string();
+    let (tx, rx) = oneshot::channel();
+    if shared.ops.send(OpRequest { op, reply: tx }).await.is_err() {
+        return problem(Problem::new(
+            503,
+            "Unavailable",
+            "the agent loop is not running",
+        ));
+    }
+    // The operation runs inside the loop and completes even if this request goes away.
+    match tokio::time::timeout(Duration::from_secs(3600), rx).await {
+        Ok(Ok(Ok(message))) => Json(OperationResult {
+            operation: name,
+            ok: true,
+            message,
+            status: shared.status(),
+        })
+        .into_response(),
+        Ok(Ok(Err(e))) => {
+            let mut p = Problem::new(e.status, "Operation failed", e.message);
+            p.field = e.field;
+            problem(p)
+        }
+        _ => problem(Problem::new(
+            504,
+            "Timeout",
+            format!("{name} did not answer"),
+        )),
+    }
+}
+
+async fn promote(State(s): State<Arc<Shared>>) -> Response {
+    run_op(s, Op::Promote).await
+}
+async fn demote(State(s): State<Arc<Shared>>, ApiJson(r): ApiJson<DemoteRequest>) -> Response {
+    run_op(s, Op::Demote { primary: r.primary }).await
+}
+async fn follow(State(s): State<Arc<Shared>>, ApiJson(r): ApiJson<FollowRequest>) -> Response {
+    run_op(s, Op::Follow { primary: r.primary }).await
+}
+async fn restart(State(s): State<Arc<Shared>>) -> Response {
+    run_op(s, Op::Restart).await
+}
+async fn reinitialize(State(s): State<Arc<Shared>>) -> Response {
+    run_op(s, Op::Reinitialize).await
+}
