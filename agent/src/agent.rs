@@ -96,6 +96,8 @@ pub struct Agent {
     last_error: Option<String>,
     last_refusal: Option<String>,
     state_override: Option<PgState>,
+    /// A detail for the answer to the running operation (e.g. the demoted node's last LSN).
+    note: Option<String>,
 }
 
 fn intent_path(cfg: &AgentConfig) -> PathBuf {
@@ -125,6 +127,7 @@ impl Agent {
             last_error: None,
             last_refusal: None,
             state_override: None,
+            note: None,
         };
         agent.save_intent()?;
         Ok(agent)
@@ -234,6 +237,7 @@ impl Agent {
         }
         self.save_intent()
             .map_err(|e| OpError::new(500, format!("save intent: {e:#}")))?;
+        self.note = None;
         self.shared.events.record(
             "operation",
             format!("{name} requested through the API ({op:?})"),
@@ -253,7 +257,7 @@ impl Agent {
             }
             match action {
                 Action::Nothing if self.pending.is_none() => {
-                    return Ok(format!("{name} done"));
+                    return Ok(self.note.take().unwrap_or_else(|| format!("{name} done")));
                 }
                 Action::Refuse(why) => {
                     self.pending = None;
@@ -598,15 +602,30 @@ impl Agent {
                 self.pg.promote().await?;
                 self.pg.ensure_roles().await?;
                 ev.record("promoted", "promoted to primary");
+                // The first checkpoint on the new timeline lets others pg_rewind from here.
+                let me = self.cfg.me().clone();
+                let client = self.pg.connect_member(&me).await;
+                tokio::spawn(async move {
+                    if let Ok(c) = client {
+                        if let Err(e) = c.batch_execute("CHECKPOINT").await {
+                            tracing::warn!(error = %e, "checkpoint after promotion");
+                        }
+                    }
+                });
                 Ok(())
             }
             Action::Demote { follow } => {
                 let up = self.member(follow)?;
                 let clean = self.pg.stop(true).await?;
+                let end = self.pg.controldata().await.ok().map(|cd| cd.checkpoint_lsn);
+                let end = end
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "unknown".into());
                 self.shared.events.record(
                     "postgres_stopped",
-                    format!("stopped for demotion (clean: {clean})"),
+                    format!("stopped for demotion (clean: {clean}, final checkpoint at {end})"),
                 );
+                self.note = Some(format!("demoted; the old primary's WAL ends at {end}"));
                 self.prepare_standby(&up, false).await?;
                 self.pg.write_config(Some(&up))?;
                 self.pg.start().await.context("start as standby")?;

@@ -560,13 +560,16 @@ impl Pg {
             let slot = slot_name(&self.cfg.node.name);
             let c = self.connect().await?;
             let lit = |s: &str| format!("'{}'", s.replace('\'', "''"));
-            c.batch_execute(&format!(
-                "ALTER SYSTEM SET primary_conninfo = {}; ALTER SYSTEM SET primary_slot_name = {}; SELECT pg_reload_conf();",
-                lit(&ci),
-                lit(&slot)
-            ))
-            .await
-            .context("set primary_conninfo")?;
+            // One statement at a time: ALTER SYSTEM refuses to run in a transaction block.
+            for stmt in [
+                format!("ALTER SYSTEM SET primary_conninfo = {}", lit(&ci)),
+                format!("ALTER SYSTEM SET primary_slot_name = {}", lit(&slot)),
+                "SELECT pg_reload_conf()".to_string(),
+            ] {
+                c.batch_execute(&stmt)
+                    .await
+                    .with_context(|| format!("follow {}: {stmt}", up.name))?;
+            }
             Ok(())
         } else {
             self.stop(true).await?;
@@ -751,8 +754,18 @@ impl Pg {
         Ok((tli, hist))
     }
 
+    /// Runs CHECKPOINT on a member. A just-promoted server keeps its old timeline in its
+    /// control file until its first checkpoint, and pg_rewind reads the timeline from there.
+    pub async fn checkpoint_member(&self, m: &Member) -> Result<()> {
+        let c = self.connect_member(m).await?;
+        c.batch_execute("CHECKPOINT")
+            .await
+            .with_context(|| format!("CHECKPOINT on {}", m.name))
+    }
+
     /// pg_rewind from `from` (PostgreSQL must be stopped).
     pub async fn rewind(&self, from: &Member) -> Result<String> {
+        self.checkpoint_member(from).await?;
         let d = self.data.to_string_lossy().to_string();
         let src = format!(
             "host={} port={} user={} dbname=postgres",

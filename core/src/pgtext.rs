@@ -340,13 +340,14 @@ pub fn conf_value(v: &toml::Value) -> String {
 pub fn render_postgresql_conf(cfg: &AgentConfig, major: u32) -> String {
     let mut params: BTreeMap<String, String> = BTreeMap::new();
     let n = cfg.cluster.members.len();
-    let defaults: [(&str, String); 8] = [
+    let defaults: [(&str, String); 9] = [
         ("wal_level", "replica".into()),
         ("wal_log_hints", "on".into()),
         ("max_wal_senders", (n + 5).max(10).to_string()),
         ("max_replication_slots", (n + 5).max(10).to_string()),
         ("hot_standby_feedback", "on".into()),
         ("wal_receiver_status_interval", quote_conf("1s")),
+        ("wal_retrieve_retry_interval", quote_conf("1s")),
         ("password_encryption", quote_conf("scram-sha-256")),
         ("unix_socket_permissions", "0700".into()),
     ];

@@ -1,1 +1,724 @@
-pub fn x() {}
+//! `pgwarden-lab`: a cluster of real hosts on one machine, for the test suite, the benchmarks
+//! and anyone who wants to try pgwarden in five minutes. As root every node is a Linux network
+//! namespace on a bridge with its own address, PostgreSQL and agent; without root the nodes
+//! share loopback with distinct ports (and network faults are not available).
+//!
+//! The lab's state (what it created, and the PIDs it started) lives in `<dir>/lab.json`, so
+//! `status`, `fault`, `exec` and `down` work from any later process.
+
+pub mod net;
+
+use anyhow::{anyhow, bail, Context, Result};
+use net::Subnet;
+use pgwarden_core::status::{NodeStatus, PgState, Role};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// One network namespace per node (needs root).
+    Netns,
+    /// All nodes on 127.0.0.1 with distinct ports.
+    Loopback,
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub name: String,
+    pub nodes: usize,
+    pub subnet: String,
+    pub dir: PathBuf,
+    pub mode: Mode,
+    pub agent_bin: PathBuf,
+    pub pg_bin: PathBuf,
+    /// First port in loopback mode.
+    pub base_port: u16,
+    pub loop_wait: String,
+}
+
+impl LabSpec {
+    pub fn new(name: &str) -> LabSpec {
+        LabSpec {
+            name: name.to_string(),
+            nodes: 3,
+            subnet: "10.77.0.0/24".into(),
+            dir: PathBuf::from("/var/tmp/pgwarden-lab").join(name),
+            mode: if is_root() {
+                Mode::Netns
+            } else {
+                Mode::Loopback
+            },
+            agent_bin: default_agent_bin(),
+            pg_bin: PathBuf::from("/usr/lib/postgresql/15/bin"),
+            base_port: 25400,
+            loop_wait: "1s".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabNode {
+    pub name: String,
+    pub host: String,
+    pub netns: Option<String>,
+    pub veth: Option<String>,
+    pub pg_port: u16,
+    pub health_port: u16,
+    pub api_port: u16,
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+    pub agent_pid: Option<i32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Lab {
+    pub name: String,
+    pub mode: Mode,
+    pub subnet: String,
+    pub bridge: Option<String>,
+    pub dir: PathBuf,
+    pub token: String,
+    pub superuser_password: String,
+    pub agent_bin: PathBuf,
+    pub pg_bin: PathBuf,
+    pub nodes: Vec<LabNode>,
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::geteuid() == 0
+    }
+}
+
+/// The agent binary: `$PGWARDEN_AGENT_BIN`, else next to this executable (or one level up, for
+/// test binaries in `target/*/deps`), else `pgwarden-agent` on PATH.
+pub fn default_agent_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PGWARDEN_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let p = dir.join("pgwarden-agent");
+            if p.is_file() {
+                return p;
+            }
+        }
+    }
+    PathBuf::from("pgwarden-agent")
+}
+
+fn random_hex(bytes: usize) -> Result<String> {
+    use std::io::Read;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .context("read /dev/urandom")?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn check_lab_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 8
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    {
+        bail!("lab name {name:?}: use 1-8 lower-case letters or digits (it names network links)");
+    }
+    Ok(())
+}
+
+impl Lab {
+    fn state_file(dir: &Path) -> PathBuf {
+        dir.join("lab.json")
+    }
+
+    /// Loads a lab that `up` created.
+    pub fn load(dir: &Path) -> Result<Lab> {
+        let f = Self::state_file(dir);
+        let text = std::fs::read_to_string(&f)
+            .with_context(|| format!("no lab at {} (read {})", dir.display(), f.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parse {}", f.display()))
+    }
+
+    fn save(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(Self::state_file(&self.dir), text).context("write lab.json")
+    }
+
+    pub fn node(&self, name: &str) -> Result<&LabNode> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("no node {name:?} in lab {}", self.name))
+    }
+
+    fn node_mut(&mut self, name: &str) -> Result<&mut LabNode> {
+        let lab = self.name.clone();
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow!("no node {name:?} in lab {lab}"))
+    }
+
+    /// Creates the hosts and writes every node's configuration, then starts the agents.
+    /// Call `wait_healthy` to wait for the cluster.
+    pub fn create(spec: &LabSpec) -> Result<Lab> {
+        check_lab_name(&spec.name)?;
+        if spec.nodes == 0 || spec.nodes > 9 {
+            bail!("--nodes must be between 1 and 9");
+        }
+        if spec.mode == Mode::Netns && !is_root() {
+            bail!("network namespaces need root; use loopback mode");
+        }
+        if Self::state_file(&spec.dir).exists() {
+            bail!(
+                "a lab already exists at {} (run `pgwarden-lab down --name {}` first)",
+                spec.dir.display(),
+                spec.name
+            );
+        }
+        let subnet = Subnet::parse(&spec.subnet)?;
+        std::fs::create_dir_all(&spec.dir)
+            .with_context(|| format!("create {}", spec.dir.display()))?;
+        set_mode(&spec.dir, 0o755)?;
+        let mut lab = Lab {
+            name: spec.name.clone(),
+            mode: spec.mode,
+            subnet: subnet.cidr(),
+            bridge: None,
+            dir: spec.dir.clone(),
+            token: random_hex(16)?,
+            superuser_password: random_hex(12)?,
+            agent_bin: spec.agent_bin.clone(),
+            pg_bin: spec.pg_bin.clone(),
+            nodes: Vec::new(),
+        };
+        for i in 1..=spec.nodes {
+            let name = format!("n{i}");
+            let dir = spec.dir.join(&name);
+            let (host, netns, veth, ports) = match spec.mode {
+                Mode::Netns => (
+                    subnet.addr(10 + i as u8),
+                    Some(format!("pgwl-{}-{name}", spec.name)),
+                    Some(format!("pw{}{i}", spec.name)),
+                    (5432, 8008, 8443),
+                ),
+                Mode::Loopback => {
+                    let p = spec.base_port + (i as u16) * 10;
+                    ("127.0.0.1".to_string(), None, None, (p, p + 1, p + 2))
+                }
+            };
+            lab.nodes.push(LabNode {
+                name,
+                host,
+                netns,
+                veth,
+                pg_port: ports.0,
+                health_port: ports.1,
+                api_port: ports.2,
+                data_dir: dir.join("data"),
+                config: dir.join("agent.toml"),
+                dir,
+                agent_pid: None,
+            });
+        }
+        lab.save()?;
+        if spec.mode == Mode::Netns {
+            net::add_blackhole(&subnet)?;
+            let bridge = format!("pwbr{}", spec.name);
+            net::add_bridge(&bridge, &subnet)?;
+            lab.bridge = Some(bridge.clone());
+            lab.save()?;
+            for n in &lab.nodes {
+                if let (Some(ns), Some(veth)) = (&n.netns, &n.veth) {
+                    net::add_host(ns, veth, &bridge, &n.host)?;
+                }
+            }
+        }
+        let replication_password = random_hex(12)?;
+        for n in &lab.nodes {
+            std::fs::create_dir_all(&n.dir)?;
+            set_mode(&n.dir, 0o755)?;
+            std::fs::write(&n.config, lab.agent_config(n, spec, &replication_password))?;
+        }
+        let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+        for n in names {
+            lab.start_agent(&n)?;
+        }
+        Ok(lab)
+    }
+
+    fn agent_config(&self, n: &LabNode, spec: &LabSpec, replication_password: &str) -> String {
+        let mut members = String::new();
+        for m in &self.nodes {
+            members.push_str(&format!(
+                "\n[[cluster.members]]\nname = \"{}\"\nhost = \"{}\"\npg_port = {}\nhealth_port = {}\napi_port = {}\n",
+                m.name, m.host, m.pg_port, m.health_port, m.api_port
+            ));
+        }
+        let (listen, extra_hba) = match self.mode {
+            Mode::Netns => ("*", format!("host all all {} scram-sha-256", self.subnet)),
+            Mode::Loopback => (
+                "127.0.0.1",
+                "host all all 127.0.0.1/32 scram-sha-256".into(),
+            ),
+        };
+        let bind = match self.mode {
+            Mode::Netns => "0.0.0.0",
+            Mode::Loopback => "127.0.0.1",
+        };
+        format!(
+            r#"# Written by pgwarden-lab for node {name}.
+[node]
+name = "{name}"
+state_dir = "{dir}/state"
+loop_wait = "{loop_wait}"
+
+[cluster]
+name = "{cluster}"
+initial_primary = "n1"
+{members}
+[api]
+listen = "{bind}:{api}"
+token = "{token}"
+
+[health]
+listen = "{bind}:{health}"
+
+[postgresql]
+bin_dir = "{pg_bin}"
+data_dir = "{data}"
+socket_dir = "{dir}/run"
+listen_addresses = "{listen}"
+superuser_password = "{su}"
+replication_password = "{rp}"
+start_timeout = "120s"
+pg_hba = ["{extra_hba}"]
+
+[postgresql.parameters]
+shared_buffers = "32MB"
+max_connections = 40
+log_line_prefix = "%m [%p] %q%a "
+"#,
+            name = n.name,
+            dir = n.dir.display(),
+            loop_wait = spec.loop_wait,
+            cluster = self.name,
+            bind = bind,
+            api = n.api_port,
+            health = n.health_port,
+            token = self.token,
+            pg_bin = self.pg_bin.display(),
+            data = n.data_dir.display(),
+            su = self.superuser_password,
+            rp = replication_password,
+        )
+    }
+
+    /// Starts a node's agent (inside its namespace), detached from this process.
+    pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        let n = self.node(node)?.clone();
+        if let Some(pid) = n.agent_pid {
+            if pid_alive(pid) {
+                return Ok(());
+            }
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(n.dir.join("agent.log"))
+            .context("open agent.log")?;
+        let mut cmd = match &n.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.agent_bin);
+                c
+            }
+            None => Command::new(&self.agent_bin),
+        };
+        cmd.arg("--config")
+            .arg(&n.config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", self.agent_bin.display()))?;
+        // `ip netns exec` execs the agent in place, so this is the agent's PID.
+        let pid = child.id() as i32;
+        // Reap it in the background if this process outlives it.
+        std::thread::spawn(move || {
+            let mut c = child;
+            let _ = c.wait();
+        });
+        self.node_mut(node)?.agent_pid = Some(pid);
+        self.save()
+    }
+
+    /// The PID of a node's postmaster, from its lock file.
+    pub fn postmaster_pid(&self, node: &str) -> Option<i32> {
+        let n = self.node(node).ok()?;
+        let text = std::fs::read_to_string(n.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        pid_alive(pid).then_some(pid)
+    }
+
+    /// Every process of a node: its namespace's processes, or (loopback) the agent and
+    /// PostgreSQL's process group.
+    fn node_pids(&self, node: &str) -> Result<Vec<i32>> {
+        let n = self.node(node)?;
+        let mut pids = match &n.netns {
+            Some(ns) => net::netns_pids(ns),
+            None => Vec::new(),
+        };
+        pids.extend(n.agent_pid.filter(|p| pid_alive(*p)));
+        if let Some(pm) = self.postmaster_pid(node) {
+            pids.push(pm);
+            pids.extend(children_of(pm));
+        }
+        pids.sort();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    /// Injects a fault on one node.
+    pub fn fault(&mut self, kind: Fault, node: &str) -> Result<()> {
+        match kind {
+            Fault::KillPostgres => {
+                let pid = self
+                    .postmaster_pid(node)
+                    .ok_or_else(|| anyhow!("{node}: PostgreSQL is not running"))?;
+                kill(pid, libc::SIGKILL);
+            }
+            Fault::KillAgent => {
+                let pid = self
+                    .node(node)?
+                    .agent_pid
+                    .filter(|p| pid_alive(*p))
+                    .ok_or_else(|| anyhow!("{node}: the agent is not running"))?;
+                kill(pid, libc::SIGKILL);
+                wait_dead(pid);
+                self.node_mut(node)?.agent_pid = None;
+                self.save()?;
+            }
+            Fault::StopNode => {
+                if let Some(veth) = &self.node(node)?.veth {
+                    net::set_link(veth, false)?;
+                }
+                for pid in self.node_pids(node)? {
+                    kill(pid, libc::SIGKILL);
+                }
+                for pid in self.node_pids(node)? {
+                    wait_dead(pid);
+                }
+                self.node_mut(node)?.agent_pid = None;
+                self.save()?;
+            }
+            Fault::StartNode => {
+                if let Some(veth) = &self.node(node)?.veth {
+                    net::set_link(veth, true)?;
+                }
+                self.start_agent(node)?;
+            }
+            Fault::Partition => {
+                let ns = self.node(node)?.netns.clone().ok_or_else(|| {
+                    anyhow!("partition needs network namespaces: run the lab as root")
+                })?;
+                net::partition(&ns)?;
+            }
+            Fault::Heal => {
+                if let Some(ns) = &self.node(node)?.netns {
+                    net::heal(ns);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A command that runs inside a node's host, with libpq variables pointing at its own
+    /// PostgreSQL (so `psql` just works there, even while the host is partitioned).
+    pub fn exec(&self, node: &str, argv: &[String]) -> Result<Command> {
+        let n = self.node(node)?;
+        let (prog, args) = argv
+            .split_first()
+            .ok_or_else(|| anyhow!("exec needs a command"))?;
+        let mut cmd = match &n.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, prog]);
+                c
+            }
+            None => Command::new(prog),
+        };
+        cmd.args(args)
+            .env(
+                "PGHOST",
+                if n.netns.is_some() {
+                    "127.0.0.1"
+                } else {
+                    &n.host
+                },
+            )
+            .env("PGPORT", n.pg_port.to_string())
+            .env("PGUSER", "postgres")
+            .env("PGPASSWORD", &self.superuser_password)
+            .env("PGDATABASE", "postgres")
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    self.pg_bin.display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            );
+        Ok(cmd)
+    }
+
+    /// Stops everything the lab started and removes everything it created.
+    pub fn down(&self) -> Result<()> {
+        for n in &self.nodes {
+            for pid in self.node_pids(&n.name).unwrap_or_default() {
+                kill(pid, libc::SIGKILL);
+            }
+        }
+        for n in &self.nodes {
+            for pid in self.node_pids(&n.name).unwrap_or_default() {
+                wait_dead(pid);
+            }
+            if let (Some(ns), Some(veth)) = (&n.netns, &n.veth) {
+                net::del_host(ns, veth);
+            }
+        }
+        if let Some(b) = &self.bridge {
+            net::sh_quiet("ip", &["link", "del", b]);
+        }
+        if self.mode == Mode::Netns {
+            // Last, once nothing is left that could send to the subnet.
+            net::del_blackhole(&Subnet::parse(&self.subnet)?);
+        }
+        std::fs::remove_dir_all(&self.dir)
+            .with_context(|| format!("remove {}", self.dir.display()))?;
+        Ok(())
+    }
+
+    pub fn dsn(&self, node: &str) -> Result<String> {
+        let n = self.node(node)?;
+        Ok(format!(
+            "postgresql://postgres:{}@{}:{}/postgres",
+            self.superuser_password, n.host, n.pg_port
+        ))
+    }
+
+    pub fn health_url(&self, node: &str) -> Result<String> {
+        let n = self.node(node)?;
+        Ok(format!("http://{}:{}", n.host, n.health_port))
+    }
+
+    pub fn api_url(&self, node: &str) -> Result<String> {
+        let n = self.node(node)?;
+        Ok(format!("http://{}:{}", n.host, n.api_port))
+    }
+
+    /// Each node's live status (None when its agent does not answer).
+    pub async fn statuses(&self) -> Vec<(String, Option<NodeStatus>)> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            let url = format!("http://{}:{}/status", n.host, n.health_port);
+            let st = match http.get(&url).send().await {
+                Ok(r) => r.json::<NodeStatus>().await.ok(),
+                Err(_) => None,
+            };
+            out.push((n.name.clone(), st));
+        }
+        out
+    }
+
+    /// Waits until exactly one node is a writable primary and every other node streams from it.
+    pub async fn wait_healthy(&self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.statuses().await;
+            let primaries: Vec<&String> = st
+                .iter()
+                .filter(|(_, s)| s.as_ref().is_some_and(|s| s.is_writable_primary()))
+                .map(|(n, _)| n)
+                .collect();
+            if primaries.len() == 1 {
+                let p = primaries[0].clone();
+                let all_streaming = st.iter().all(|(n, s)| {
+                    *n == p
+                        || s.as_ref().is_some_and(|s| {
+                            s.is_streaming() && s.upstream.as_deref() == Some(p.as_str())
+                        })
+                });
+                if all_streaming {
+                    return Ok(p);
+                }
+            }
+            if Instant::now() > deadline {
+                let summary: Vec<String> = st
+                    .iter()
+                    .map(|(n, s)| match s {
+                        Some(s) => format!(
+                            "{n}: {:?}/{:?} waiting={:?} error={:?}",
+                            s.role, s.state, s.waiting_for, s.last_error
+                        ),
+                        None => format!("{n}: agent not answering"),
+                    })
+                    .collect();
+                bail!(
+                    "lab {} not healthy after {timeout:?}: {}",
+                    self.name,
+                    summary.join("; ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// The JSON description `up` and `status` print.
+    pub async fn describe(&self, live: bool) -> serde_json::Value {
+        let statuses = if live {
+            self.statuses().await
+        } else {
+            Vec::new()
+        };
+        let nodes: Vec<serde_json::Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let st = statuses
+                    .iter()
+                    .find(|(name, _)| *name == n.name)
+                    .and_then(|(_, s)| s.as_ref());
+                serde_json::json!({
+                    "name": n.name,
+                    "host": n.host,
+                    "netns": n.netns,
+                    "pg_port": n.pg_port,
+                    "dsn": format!("postgresql://postgres:{}@{}:{}/postgres", self.superuser_password, n.host, n.pg_port),
+                    "health_url": format!("http://{}:{}", n.host, n.health_port),
+                    "api_url": format!("http://{}:{}", n.host, n.api_port),
+                    "data_dir": n.data_dir,
+                    "agent_pid": n.agent_pid,
+                    "role": st.map(|s| s.role).unwrap_or(Role::Unknown),
+                    "state": st.map(|s| s.state).unwrap_or(PgState::Unknown),
+                    "timeline": st.and_then(|s| s.timeline),
+                    "lag_bytes": st.and_then(|s| s.lag_bytes),
+                    "upstream": st.and_then(|s| s.upstream.clone()),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "mode": self.mode,
+            "subnet": if self.mode == Mode::Netns { Some(&self.subnet) } else { None },
+            "bridge": self.bridge,
+            "dir": self.dir,
+            "token": self.token,
+            "superuser": "postgres",
+            "superuser_password": self.superuser_password,
+            "nodes": nodes,
+        })
+    }
+}
+
+/// The faults the lab can inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    KillPostgres,
+    KillAgent,
+    StopNode,
+    StartNode,
+    Partition,
+    Heal,
+}
+
+impl std::str::FromStr for Fault {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Fault> {
+        Ok(match s {
+            "kill-postgres" => Fault::KillPostgres,
+            "kill-agent" => Fault::KillAgent,
+            "stop-node" => Fault::StopNode,
+            "start-node" => Fault::StartNode,
+            "partition" => Fault::Partition,
+            "heal" => Fault::Heal,
+            _ => bail!(
+                "unknown fault {s:?}: kill-postgres, kill-agent, stop-node, start-node, partition, heal"
+            ),
+        })
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", p.display()))
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next()),
+            Some("Z") | Some("X") | None
+        ),
+        Err(_) => false,
+    }
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
+                let ppid = stat
+                    .rsplit_once(')')
+                    .and_then(|(_, r)| r.split_whitespace().nth(1))
+                    .and_then(|x| x.parse::<i32>().ok());
+                if ppid == Some(pid) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn kill(pid: i32, sig: i32) {
+    // SAFETY: kill(2) with a positive pid of a process this lab started only sends a signal.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Waits (up to 10 s) until a killed process is gone, not just a zombie.
+fn wait_dead(pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
