@@ -697,8 +697,10 @@ impl Agent {
             format!("building a replica from {} with pg_basebackup", up.name),
         );
         let shared = self.shared.clone();
+        let mut last = (0, 0);
         self.pg
             .basebackup(up, |done, total| {
+                last = (done, total);
                 shared.update(|s| {
                     s.basebackup = Some(Progress {
                         done_bytes: done,
@@ -708,9 +710,13 @@ impl Agent {
                 })
             })
             .await?;
-        self.shared
-            .events
-            .record("cloned", format!("base backup from {} complete", up.name));
+        self.shared.events.record(
+            "cloned",
+            format!(
+                "base backup from {} complete ({} of {} bytes)",
+                up.name, last.0, last.1
+            ),
+        );
         self.pg.write_config(Some(up))?;
         self.pg.start().await.context("start new replica")?;
         self.shared.events.record(

@@ -765,6 +765,9 @@ impl Pg {
 
     /// pg_rewind from `from` (PostgreSQL must be stopped).
     pub async fn rewind(&self, from: &Member) -> Result<String> {
+        if sys::failpoint("pg_rewind") {
+            bail!("pg_rewind failed (failpoint)");
+        }
         self.checkpoint_member(from).await?;
         let d = self.data.to_string_lossy().to_string();
         let src = format!(

@@ -86,3 +86,11 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
     Ok(())
 }
+
+/// Failpoints force rare paths in tests: `PGWARDEN_FAILPOINTS=pg_rewind` makes that step fail.
+/// Unset in production, where this always returns false.
+pub fn failpoint(name: &str) -> bool {
+    std::env::var("PGWARDEN_FAILPOINTS")
+        .map(|v| v.split(',').any(|f| f.trim() == name))
+        .unwrap_or(false)
+}

@@ -38,6 +38,8 @@ pub struct LabSpec {
     /// First port in loopback mode.
     pub base_port: u16,
     pub loop_wait: String,
+    /// Extra environment for every agent (e.g. `PGWARDEN_FAILPOINTS` in tests).
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl LabSpec {
@@ -56,6 +58,7 @@ impl LabSpec {
             pg_bin: PathBuf::from("/usr/lib/postgresql/15/bin"),
             base_port: 25400,
             loop_wait: "1s".into(),
+            agent_env: Vec::new(),
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct Lab {
     pub superuser_password: String,
     pub agent_bin: PathBuf,
     pub pg_bin: PathBuf,
+    #[serde(default)]
+    pub agent_env: Vec<(String, String)>,
     pub nodes: Vec<LabNode>,
 }
 
@@ -199,6 +204,7 @@ impl Lab {
             superuser_password: random_hex(12)?,
             agent_bin: spec.agent_bin.clone(),
             pg_bin: spec.pg_bin.clone(),
+            agent_env: spec.agent_env.clone(),
             nodes: Vec::new(),
         };
         for i in 1..=spec.nodes {
@@ -344,6 +350,7 @@ log_line_prefix = "%m [%p] %q%a "
             }
             None => Command::new(&self.agent_bin),
         };
+        cmd.envs(self.agent_env.iter().cloned());
         cmd.arg("--config")
             .arg(&n.config)
             .env(

@@ -1,1 +1,276 @@
+//! Helpers for pgwarden's end-to-end tests: a lab that removes itself, SQL, the agent API,
+//! health checks and polling with timeouts.
+//!
+//! Tests need real PostgreSQL binaries. As root they run on network-namespace hosts; without
+//! root on loopback ports. In CI (`CI=true`) anything missing is a failure, never a skip.
 
+use anyhow::{bail, Context, Result};
+use pgwarden_core::status::NodeStatus;
+use pgwarden_lab::{Lab, LabSpec, Mode};
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use pgwarden_lab;
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Fails in CI, and says so loudly elsewhere, when a test cannot run here. Returns false when
+/// the caller should return early (only outside CI).
+pub fn require_root(test: &str) -> bool {
+    if pgwarden_lab::is_root() {
+        return true;
+    }
+    if in_ci() {
+        panic!("{test} needs root (network namespaces); CI runs as root");
+    }
+    eprintln!("SKIPPED {test}: needs root for network namespaces (runs in CI)");
+    false
+}
+
+/// A lab that is torn down when the test ends, however it ends.
+pub struct TestLab {
+    pub lab: Lab,
+    pub http: reqwest::Client,
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if std::env::var("PGWARDEN_KEEP_LAB").is_ok() {
+            eprintln!("keeping lab at {}", self.lab.dir.display());
+            return;
+        }
+        if let Err(e) = self.lab.down() {
+            eprintln!("lab down: {e:#}");
+        }
+    }
+}
+
+/// A lab spec unique to a test: name `t<id>`, subnet 10.77.<100+id>.0/24, own port range.
+pub fn spec(id: u8, nodes: usize) -> LabSpec {
+    assert!(
+        Path::new("/usr/lib/postgresql/15/bin/postgres").exists() || !in_ci(),
+        "PostgreSQL 15 binaries are required in CI"
+    );
+    let name = format!("t{id}");
+    let mut s = LabSpec::new(&name);
+    s.nodes = nodes;
+    s.subnet = format!("10.77.{}.0/24", 100 + id as u16);
+    s.base_port = 26000 + id as u16 * 100;
+    s.dir = std::path::PathBuf::from("/var/tmp/pgwarden-test").join(&name);
+    if in_ci() && s.mode == Mode::Loopback {
+        panic!("CI runs as root and must use network namespaces");
+    }
+    s
+}
+
+impl TestLab {
+    /// Builds the lab and waits until it is healthy. Removes a leftover lab of the same name.
+    pub async fn up(spec: LabSpec) -> TestLab {
+        if let Ok(old) = Lab::load(&spec.dir) {
+            let _ = old.down();
+        }
+        let lab = Lab::create(&spec).expect("create lab");
+        let t = TestLab {
+            lab,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .expect("http client"),
+        };
+        t.lab
+            .wait_healthy(Duration::from_secs(120))
+            .await
+            .expect("lab healthy");
+        t
+    }
+
+    pub async fn status(&self, node: &str) -> Option<NodeStatus> {
+        let url = format!("{}/status", self.lab.health_url(node).ok()?);
+        let r = self
+            .http
+            .get(url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    /// The status code of a health check (`/primary`, `/replica?lag=1MB`, …).
+    pub async fn check(&self, node: &str, method: reqwest::Method, path: &str) -> u16 {
+        let url = format!("{}{path}", self.lab.health_url(node).expect("node"));
+        self.http
+            .request(method, url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }
+
+    /// POSTs to the agent API; returns the status code and the JSON body.
+    pub async fn api(
+        &self,
+        node: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let url = format!("{}{path}", self.lab.api_url(node).expect("node"));
+        let mut req = self.http.post(url).bearer_auth(&self.lab.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let r = req.send().await.expect("agent API request");
+        let code = r.status().as_u16();
+        let v = r.json().await.unwrap_or(serde_json::Value::Null);
+        (code, v)
+    }
+
+    /// Like `api` but the operation must succeed.
+    pub async fn op(&self, node: &str, path: &str, body: Option<serde_json::Value>) -> String {
+        let (code, v) = self.api(node, path, body).await;
+        assert_eq!(code, 200, "{node} {path}: {v}");
+        v["message"].as_str().unwrap_or_default().to_string()
+    }
+
+    pub async fn sql(&self, node: &str, query: &str) -> Result<Vec<tokio_postgres::Row>> {
+        sql(&self.lab.dsn(node)?, query).await
+    }
+
+    pub async fn exec(&self, node: &str, statements: &str) -> Result<()> {
+        exec(&self.lab.dsn(node)?, statements).await
+    }
+
+    /// A single bigint from a query such as `SELECT count(*) FROM t`.
+    pub async fn count(&self, node: &str, query: &str) -> i64 {
+        let rows = self.sql(node, query).await.expect("query");
+        rows[0].get(0)
+    }
+
+    /// Waits until every node except `primary` streams from it.
+    pub async fn wait_streaming_from(&self, primary: &str, timeout: Duration) {
+        let names: Vec<String> = self.lab.nodes.iter().map(|n| n.name.clone()).collect();
+        wait_for(
+            timeout,
+            &format!("all replicas streaming from {primary}"),
+            || async {
+                for n in &names {
+                    let st = self.status(n).await;
+                    let ok = if n == primary {
+                        st.is_some_and(|s| s.is_writable_primary())
+                    } else {
+                        st.is_some_and(|s| {
+                            s.is_streaming() && s.upstream.as_deref() == Some(primary)
+                        })
+                    };
+                    if !ok {
+                        return false;
+                    }
+                }
+                true
+            },
+        )
+        .await;
+    }
+
+    /// The kinds of the events a node's agent recorded, oldest first.
+    pub fn event_kinds(&self, node: &str) -> Vec<String> {
+        self.events(node)
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    pub fn events(&self, node: &str) -> Vec<serde_json::Value> {
+        let n = self.lab.node(node).expect("node");
+        std::fs::read_to_string(n.dir.join("state/events.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+async fn connect(dsn: &str) -> Result<tokio_postgres::Client> {
+    let mut cfg: tokio_postgres::Config = dsn.parse().context("parse dsn")?;
+    cfg.connect_timeout(Duration::from_secs(3));
+    let (client, conn) = cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .with_context(|| format!("connect {dsn}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Runs one statement on a DSN and returns its rows.
+pub async fn sql(dsn: &str, query: &str) -> Result<Vec<tokio_postgres::Row>> {
+    let client = connect(dsn).await?;
+    tokio::time::timeout(Duration::from_secs(30), client.query(query, &[]))
+        .await
+        .context("query timed out")?
+        .with_context(|| format!("run {query:?}"))
+}
+
+/// Runs several statements on a DSN.
+pub async fn exec(dsn: &str, statements: &str) -> Result<()> {
+    let client = connect(dsn).await?;
+    tokio::time::timeout(Duration::from_secs(30), client.batch_execute(statements))
+        .await
+        .context("statements timed out")?
+        .with_context(|| format!("run {statements:?}"))
+}
+
+/// Polls `f` every 200 ms until it returns true; panics with `what` after `timeout`.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs a program and returns (exit code, stdout, stderr).
+pub fn run(prog: &Path, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .output()
+        .with_context(|| format!("run {}", prog.display()))?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ))
+}
+
+pub fn agent_bin() -> std::path::PathBuf {
+    let p = pgwarden_lab::default_agent_bin();
+    if !p.is_file() {
+        panic!(
+            "pgwarden-agent not found at {} (build the workspace first)",
+            p.display()
+        );
+    }
+    p
+}
+
+/// Asserts a condition on a value, failing with context.
+pub fn ensure(cond: bool, msg: &str) -> Result<()> {
+    if !cond {
+        bail!("{msg}");
+    }
+    Ok(())
+}

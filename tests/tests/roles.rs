@@ -1,0 +1,232 @@
+//! Role changes through the agent API on real PostgreSQL: switchover, an old primary that
+//! diverged coming back with pg_rewind (or a fresh base backup when rewind fails), a killed
+//! postmaster restarted in place, and an agent restart adopting the running PostgreSQL.
+
+use pgwarden_core::status::Role;
+use pgwarden_lab::Fault;
+use pgwarden_tests::{spec, wait_for, TestLab};
+use reqwest::Method;
+use serde_json::json;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_by_api_loses_nothing() {
+    let t = TestLab::up(spec(5, 3)).await;
+    t.exec(
+        "n1",
+        "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 100)",
+    )
+    .await
+    .unwrap();
+    // Demote first: a clean shutdown sends every WAL record to the replicas.
+    let msg = t
+        .op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
+        .await;
+    let end: pgwarden_core::Lsn = msg
+        .rsplit(' ')
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("demote reports the final LSN: {msg}"));
+    wait_for(
+        Duration::from_secs(20),
+        "n2 received the old primary's last WAL",
+        || async {
+            t.status("n2")
+                .await
+                .and_then(|s| s.wal.received.or(s.wal.replayed))
+                .is_some_and(|l| l >= end)
+        },
+    )
+    .await;
+    assert_eq!(t.check("n1", Method::GET, "/primary").await, 503);
+    t.op("n2", "/v1/promote", None).await;
+    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+        .await;
+    t.wait_streaming_from("n2", Duration::from_secs(60)).await;
+    t.exec("n2", "INSERT INTO t SELECT generate_series(101, 200)")
+        .await
+        .unwrap();
+    for n in ["n1", "n3"] {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("200 rows on {n}"),
+            || async {
+                t.sql(n, "SELECT count(*) FROM t")
+                    .await
+                    .is_ok_and(|r| r[0].get::<_, i64>(0) == 200)
+            },
+        )
+        .await;
+    }
+    let n2 = t.status("n2").await.unwrap();
+    assert_eq!(n2.timeline, Some(2));
+    assert_eq!(t.check("n2", Method::GET, "/primary").await, 200);
+    assert_eq!(t.check("n1", Method::GET, "/replica").await, 200);
+    let kinds = t.event_kinds("n1");
+    assert!(kinds.contains(&"demoted".to_string()), "{kinds:?}");
+    assert!(
+        !kinds.contains(&"rewind_started".to_string()),
+        "a clean switchover needs no rewind: {kinds:?}"
+    );
+}
+
+/// Makes n1 diverge: n2 is promoted while n1 still accepts writes (as after a failover of an
+/// old primary that kept running), then n1 is told to follow n2.
+async fn diverge_and_demote(t: &TestLab) {
+    t.exec(
+        "n1",
+        "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1)",
+    )
+    .await
+    .unwrap();
+    wait_for(Duration::from_secs(20), "row on n2", || async {
+        t.sql("n2", "SELECT count(*) FROM t")
+            .await
+            .is_ok_and(|r| r[0].get::<_, i64>(0) == 1)
+    })
+    .await;
+    t.op("n2", "/v1/promote", None).await;
+    t.exec("n1", "INSERT INTO t SELECT generate_series(1000, 1999)")
+        .await
+        .unwrap();
+    t.exec("n2", "INSERT INTO t VALUES (2)").await.unwrap();
+    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+        .await;
+    t.op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
+        .await;
+    t.wait_streaming_from("n2", Duration::from_secs(90)).await;
+    for n in ["n1", "n2", "n3"] {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("n2's history on {n}"),
+            || async {
+                t.sql(n, "SELECT count(*), sum(id) FROM t")
+                    .await
+                    .is_ok_and(|r| r[0].get::<_, i64>(0) == 2)
+            },
+        )
+        .await;
+    }
+    assert_eq!(t.status("n1").await.unwrap().timeline, Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diverged_old_primary_rejoins_with_pg_rewind() {
+    let t = TestLab::up(spec(6, 3)).await;
+    diverge_and_demote(&t).await;
+    let kinds = t.event_kinds("n1");
+    assert!(kinds.contains(&"rewind".to_string()), "{kinds:?}");
+    assert!(!kinds.contains(&"rewind_failed".to_string()), "{kinds:?}");
+    assert!(!kinds.contains(&"clone_started".to_string()), "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_rewind_falls_back_to_a_fresh_base_backup() {
+    let mut s = spec(7, 3);
+    s.agent_env = vec![("PGWARDEN_FAILPOINTS".into(), "pg_rewind".into())];
+    let t = TestLab::up(s).await;
+    diverge_and_demote(&t).await;
+    let kinds = t.event_kinds("n1");
+    for k in ["rewind_failed", "data_dir_moved_aside", "cloned"] {
+        assert!(kinds.contains(&k.to_string()), "{k} in {kinds:?}");
+    }
+    let dir = t.lab.node("n1").unwrap().dir.clone();
+    let moved: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("data.pgwarden-moved-")
+        })
+        .collect();
+    assert_eq!(moved.len(), 1, "the diverged data directory is kept aside");
+    assert!(moved[0].path().join("PG_VERSION").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_postmaster_is_restarted_in_place() {
+    let mut t = TestLab::up(spec(8, 3)).await;
+    t.exec("n1", "CREATE TABLE t (id int)").await.unwrap();
+    for node in ["n1", "n3"] {
+        let before = t.lab.postmaster_pid(node).unwrap();
+        let role = t.status(node).await.unwrap().role;
+        t.lab.fault(Fault::KillPostgres, node).unwrap();
+        wait_for(Duration::from_secs(30), &format!("{node} back"), || async {
+            let st = t.status(node).await;
+            let new_pid = t.lab.postmaster_pid(node);
+            // No other node may ever become primary meanwhile.
+            for other in ["n1", "n2", "n3"].into_iter().filter(|o| *o != "n1") {
+                assert_ne!(
+                    t.check(other, Method::GET, "/primary").await,
+                    200,
+                    "{other}"
+                );
+            }
+            st.is_some_and(|s| s.role == role && s.state == pgwarden_core::status::PgState::Running)
+                && new_pid.is_some_and(|p| p != before)
+        })
+        .await;
+        let st = t.status(node).await.unwrap();
+        assert_eq!(st.crash_restarts, 1, "{node}");
+        assert_eq!(st.timeline, Some(1), "no failover happened");
+        assert!(t
+            .event_kinds(node)
+            .contains(&"postgres_crashed".to_string()));
+    }
+    t.exec("n1", "INSERT INTO t VALUES (1)").await.unwrap();
+    t.wait_streaming_from("n1", Duration::from_secs(30)).await;
+    // The restarted primary and replica keep their roles.
+    assert_eq!(t.status("n3").await.unwrap().role, Role::Replica);
+    let _ = &mut t;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restart_adopts_running_postgres_and_existing_data() {
+    let mut t = TestLab::up(spec(9, 3)).await;
+    t.exec("n1", "CREATE TABLE t (id int)").await.unwrap();
+    let pid = t.lab.postmaster_pid("n1").unwrap();
+    t.lab.fault(Fault::KillAgent, "n1").unwrap();
+    // PostgreSQL keeps serving while its agent is gone.
+    t.exec("n1", "INSERT INTO t VALUES (1)").await.unwrap();
+    t.lab.fault(Fault::StartNode, "n1").unwrap();
+    wait_for(Duration::from_secs(20), "n1's agent back", || async {
+        t.status("n1")
+            .await
+            .is_some_and(|s| s.is_writable_primary())
+    })
+    .await;
+    assert_eq!(
+        t.lab.postmaster_pid("n1"),
+        Some(pid),
+        "PostgreSQL was not restarted"
+    );
+    assert!(t
+        .event_kinds("n1")
+        .contains(&"postgres_adopted".to_string()));
+
+    // A whole host down and back: its data directory is reused, not cloned again.
+    let sysid = t.status("n2").await.unwrap().system_identifier;
+    let clones_before = t
+        .event_kinds("n2")
+        .iter()
+        .filter(|k| *k == "clone_started")
+        .count();
+    t.lab.fault(Fault::StopNode, "n2").unwrap();
+    t.exec("n1", "INSERT INTO t VALUES (2)").await.unwrap();
+    t.lab.fault(Fault::StartNode, "n2").unwrap();
+    t.wait_streaming_from("n1", Duration::from_secs(60)).await;
+    assert_eq!(t.status("n2").await.unwrap().system_identifier, sysid);
+    let clones_after = t
+        .event_kinds("n2")
+        .iter()
+        .filter(|k| *k == "clone_started")
+        .count();
+    assert_eq!(clones_before, clones_after, "no new base backup");
+    wait_for(Duration::from_secs(20), "both rows on n2", || async {
+        t.sql("n2", "SELECT count(*) FROM t")
+            .await
+            .is_ok_and(|r| r[0].get::<_, i64>(0) == 2)
+    })
+    .await;
+}
