@@ -390,10 +390,10 @@ impl Agent {
             (Some(st), Some(up))
                 if st.in_recovery
                     && following == upstream
-                    && !st
+                    && st
                         .wal_receiver
                         .as_ref()
-                        .is_some_and(|w| w.status == "streaming")
+                        .is_none_or(|w| w.status != "streaming")
                     && up.timeline > st.timeline =>
             {
                 self.check_diverged(st).await
