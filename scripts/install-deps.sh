@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what pgwarden's build, lab and tests need on a Debian 12 machine (run as root).
+# Idempotent: only missing packages are installed.
+set -euo pipefail
+
+need=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need+=(postgresql-15)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
+command -v ping >/dev/null || need+=(iputils-ping)
+[ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v psql >/dev/null || need+=(postgresql-client-15)
+command -v curl >/dev/null || need+=(curl)
+
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "missing packages: ${need[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# Debian may start daemons from packages on some machines; the lab runs its own.
+for svc in haproxy postgresql; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then
+        systemctl stop "$svc" || true
+    fi
+done
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is not installed: install the Rust toolchain (rustup) first" >&2
+    exit 1
+fi
