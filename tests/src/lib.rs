@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use pgwarden_core::status::NodeStatus;
-use pgwarden_lab::{Lab, LabSpec, Mode};
+use pgwarden_lab::{Lab, LabSpec};
 use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -60,7 +60,7 @@ pub fn spec(id: u8, nodes: usize) -> LabSpec {
     s.subnet = format!("10.77.{}.0/24", 100 + id as u16);
     s.base_port = 26000 + id as u16 * 100;
     s.dir = std::path::PathBuf::from("/var/tmp/pgwarden-test").join(&name);
-    if in_ci() && s.mode == Mode::Loopback {
+    if in_ci() && !pgwarden_lab::is_root() {
         panic!("CI runs as root and must use network namespaces");
     }
     s

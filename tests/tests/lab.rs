@@ -95,3 +95,27 @@ async fn hosts_exec_partition_heal_and_down() {
         assert!(!pgwarden_lab::pid_alive(p), "agent {p} still running");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_mode_runs_without_namespaces() {
+    // The mode a user without root gets; forced here so CI (root) exercises it too.
+    let mut s = spec(12, 2);
+    s.mode = pgwarden_lab::Mode::Loopback;
+    let t = TestLab::up(s).await;
+    assert!(t
+        .lab
+        .nodes
+        .iter()
+        .all(|n| n.host == "127.0.0.1" && n.netns.is_none()));
+    t.exec("n1", "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    pgwarden_tests::wait_for(Duration::from_secs(20), "row on n2", || async {
+        t.sql("n2", "SELECT count(*) FROM t")
+            .await
+            .is_ok_and(|r| r[0].get::<_, i64>(0) == 1)
+    })
+    .await;
+    let err = t.lab.clone().fault(Fault::Partition, "n2").unwrap_err();
+    assert!(err.to_string().contains("root"), "{err}");
+}

@@ -40,9 +40,15 @@ async fn switchover_by_api_loses_nothing() {
     .await;
     assert_eq!(t.check("n1", Method::GET, "/primary").await, 503);
     t.op("n2", "/v1/promote", None).await;
+    let n3_started = t.status("n3").await.unwrap().postmaster_start_time;
     t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
         .await;
     t.wait_streaming_from("n2", Duration::from_secs(60)).await;
+    assert_eq!(
+        t.status("n3").await.unwrap().postmaster_start_time,
+        n3_started,
+        "follow reloads, it does not restart"
+    );
     t.exec("n2", "INSERT INTO t SELECT generate_series(101, 200)")
         .await
         .unwrap();
