@@ -98,6 +98,8 @@ pub struct Agent {
     state_override: Option<PgState>,
     /// A detail for the answer to the running operation (e.g. the demoted node's last LSN).
     note: Option<String>,
+    /// Since when a running replica has not been streaming.
+    not_streaming_since: Option<Instant>,
 }
 
 fn intent_path(cfg: &AgentConfig) -> PathBuf {
@@ -128,6 +130,7 @@ impl Agent {
             last_refusal: None,
             state_override: None,
             note: None,
+            not_streaming_since: None,
         };
         agent.save_intent()?;
         Ok(agent)
@@ -384,17 +387,35 @@ impl Agent {
             _ => None,
         };
         let upstream = self.intent.upstream.clone();
-        let upstream_status = upstream.as_deref().and_then(|u| self.peer_status(u));
-        let upstream_ready = upstream_status.is_some_and(|s| s.state == PgState::Running);
+        let upstream_status = upstream
+            .as_deref()
+            .and_then(|u| self.peer_status(u))
+            .cloned();
+        let upstream_ready = upstream_status
+            .as_ref()
+            .is_some_and(|s| s.state == PgState::Running);
+        let streaming = sql.as_ref().is_some_and(|st| {
+            st.wal_receiver
+                .as_ref()
+                .is_some_and(|w| w.status == "streaming")
+        });
+        if streaming || !sql.as_ref().is_some_and(|st| st.in_recovery) {
+            self.not_streaming_since = None;
+        } else if self.not_streaming_since.is_none() {
+            self.not_streaming_since = Some(Instant::now());
+        }
+        // A diverged replica never streams again; one that merely reconnects (after a reload
+        // or an upstream restart) streams within a few seconds. Only the first kind is checked.
+        let settle = (self.cfg.node.loop_wait.0 * 3).max(Duration::from_secs(3));
+        let stuck = self
+            .not_streaming_since
+            .is_some_and(|t| t.elapsed() >= settle);
         let diverged = match (&sql, upstream_status) {
             (Some(st), Some(up))
-                if st.in_recovery
+                if stuck
                     && following == upstream
-                    && st
-                        .wal_receiver
-                        .as_ref()
-                        .is_none_or(|w| w.status != "streaming")
-                    && up.timeline > st.timeline =>
+                    && up.timeline > st.timeline
+                    && st.wal_receiver.as_ref().and_then(|w| w.received_tli) != up.timeline =>
             {
                 self.check_diverged(st).await
             }
@@ -430,10 +451,10 @@ impl Agent {
         let Some(local_tli) = st.timeline else {
             return false;
         };
-        let local_end = match (st.received, st.replayed) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
+        let local_end = st
+            .replayed
+            .map(pgtext::LocalEnd::ReplayedEnd)
+            .unwrap_or(pgtext::LocalEnd::Unknown);
         match self.pg.upstream_timeline(up).await {
             Ok((tli, hist)) => {
                 let need = pgtext::rewind_need(local_tli, local_end, tli, &hist);

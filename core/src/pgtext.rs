@@ -97,12 +97,24 @@ pub enum RewindNeed {
     Unknown(String),
 }
 
+/// What is known of where a node's WAL ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalEnd {
+    /// A WAL record starts here (a cleanly stopped primary's shutdown checkpoint): the WAL
+    /// extends past this point.
+    RecordStart(Lsn),
+    /// The end of the last record this node applied (`pg_last_wal_replay_lsn()` on a running
+    /// replica). WAL received but not replayed does not count: when PostgreSQL follows the new
+    /// timeline it ignores what lies past the fork point.
+    ReplayedEnd(Lsn),
+    Unknown,
+}
+
 /// Decides whether a node whose WAL ends at `local_end` on timeline `local_tli` can follow an
-/// upstream on `upstream_tli` with `history` (the upstream's timeline history), or has diverged.
-/// `local_end` is `None` when it is unknown.
+/// upstream on `upstream_tli` with `history` (the upstream's timeline history), or diverged.
 pub fn rewind_need(
     local_tli: u32,
-    local_end: Option<Lsn>,
+    local_end: LocalEnd,
     upstream_tli: u32,
     history: &[HistoryEntry],
 ) -> RewindNeed {
@@ -119,25 +131,28 @@ pub fn rewind_need(
             "local timeline {local_tli} is not in the upstream's history"
         ));
     };
+    let fork = entry.switchpoint;
     match local_end {
-        None => RewindNeed::Unknown(format!(
+        LocalEnd::Unknown => RewindNeed::Unknown(format!(
             "the local end of WAL on timeline {local_tli} is unknown"
         )),
-        Some(end) if end > entry.switchpoint => RewindNeed::Yes(format!(
-            "local WAL ends at {end}, after the upstream left timeline {local_tli} at {}",
-            entry.switchpoint
+        LocalEnd::RecordStart(l) if l >= fork => RewindNeed::Yes(format!(
+            "local WAL has a record at {l}, at or after the upstream left timeline {local_tli} at {fork}"
         )),
-        Some(_) => RewindNeed::No,
+        LocalEnd::ReplayedEnd(l) if l > fork => RewindNeed::Yes(format!(
+            "local WAL was replayed up to {l}, after the upstream left timeline {local_tli} at {fork}"
+        )),
+        _ => RewindNeed::No,
     }
 }
 
-/// The local end of WAL a stopped node is known to have, from its control data.
-/// A clean primary shutdown ends at its shutdown checkpoint; anything else is unknown.
-pub fn known_end_of_wal(cd: &ControlData) -> Option<Lsn> {
+/// Where a stopped node's WAL is known to end, from its control data. A clean primary
+/// shutdown ends with its shutdown checkpoint record; anything else is unknown.
+pub fn known_end_of_wal(cd: &ControlData) -> LocalEnd {
     if cd.state == "shut down" {
-        Some(cd.checkpoint_lsn)
+        LocalEnd::RecordStart(cd.checkpoint_lsn)
     } else {
-        None
+        LocalEnd::Unknown
     }
 }
 
@@ -458,11 +473,14 @@ Data page checksum version:           1
         assert_eq!(cd.checkpoint_timeline, 1);
         assert_eq!(cd.checkpoint_lsn, "0/3000028".parse().unwrap());
         assert!(cd.clean_shutdown());
-        assert_eq!(known_end_of_wal(&cd), Some("0/3000028".parse().unwrap()));
+        assert_eq!(
+            known_end_of_wal(&cd),
+            LocalEnd::RecordStart("0/3000028".parse().unwrap())
+        );
         let crashed =
             parse_controldata(&CONTROLDATA.replace("shut down", "in production")).unwrap();
         assert!(!crashed.clean_shutdown());
-        assert_eq!(known_end_of_wal(&crashed), None);
+        assert_eq!(known_end_of_wal(&crashed), LocalEnd::Unknown);
         assert!(parse_controldata("garbage").is_err());
     }
 
@@ -473,32 +491,38 @@ Data page checksum version:           1
         assert_eq!(h.len(), 2);
         assert_eq!(h[0].tli, 1);
         assert_eq!(h[0].switchpoint, "0/5000100".parse().unwrap());
-        let at = |s: &str| Some(s.parse().unwrap());
-        assert_eq!(rewind_need(1, at("0/9000000"), 1, &[]), RewindNeed::No);
-        // Clean switchover: the old primary stopped before the fork point.
-        assert_eq!(rewind_need(1, at("0/5000028"), 2, &h[..1]), RewindNeed::No);
-        assert_eq!(rewind_need(1, at("0/5000100"), 2, &h[..1]), RewindNeed::No);
-        // The old primary wrote past the point where the new primary forked.
+        let rec = |s: &str| LocalEnd::RecordStart(s.parse().unwrap());
+        let rep = |s: &str| LocalEnd::ReplayedEnd(s.parse().unwrap());
+        assert_eq!(rewind_need(1, rec("0/9000000"), 1, &[]), RewindNeed::No);
+        // Clean switchover: the new primary replayed the old one's shutdown checkpoint.
+        assert_eq!(rewind_need(1, rec("0/5000028"), 2, &h[..1]), RewindNeed::No);
+        // The shutdown checkpoint itself starts at the fork: it was not replayed upstream.
         assert!(matches!(
-            rewind_need(1, at("0/5000101"), 2, &h[..1]),
+            rewind_need(1, rec("0/5000100"), 2, &h[..1]),
+            RewindNeed::Yes(_)
+        ));
+        // A replica that replayed exactly up to the fork point can follow.
+        assert_eq!(rewind_need(1, rep("0/5000100"), 2, &h[..1]), RewindNeed::No);
+        assert!(matches!(
+            rewind_need(1, rep("0/5000101"), 2, &h[..1]),
             RewindNeed::Yes(_)
         ));
         assert!(matches!(
-            rewind_need(1, None, 2, &h[..1]),
+            rewind_need(1, LocalEnd::Unknown, 2, &h[..1]),
             RewindNeed::Unknown(_)
         ));
         assert!(matches!(
-            rewind_need(3, at("0/1"), 2, &h),
+            rewind_need(3, rep("0/1"), 2, &h),
             RewindNeed::Yes(_)
         ));
         assert!(matches!(
-            rewind_need(4, at("0/1"), 5, &h),
+            rewind_need(4, rep("0/1"), 5, &h),
             RewindNeed::Yes(_)
         ));
-        // Two timeline switches later: fork point of our own timeline counts.
-        assert_eq!(rewind_need(2, at("0/6000000"), 3, &h), RewindNeed::No);
+        // Two timeline switches later: the fork point of our own timeline counts.
+        assert_eq!(rewind_need(2, rep("0/6000000"), 3, &h), RewindNeed::No);
         assert!(matches!(
-            rewind_need(2, at("0/8000000"), 3, &h),
+            rewind_need(2, rep("0/8000000"), 3, &h),
             RewindNeed::Yes(_)
         ));
         assert!(parse_history("x y").is_err());

@@ -522,6 +522,42 @@ log_line_prefix = "%m [%p] %q%a "
         Ok(())
     }
 
+    /// Removes what a lab named `name` left behind when its state file is gone: processes in
+    /// its namespaces, the namespaces, links, bridge and the bridge subnet's blackhole route.
+    pub fn purge(name: &str) -> Result<()> {
+        check_lab_name(name)?;
+        let prefix = format!("pgwl-{name}-");
+        let bridge = format!("pwbr{name}");
+        let subnet = net::sh("ip", &["-4", "-o", "addr", "show", "dev", &bridge])
+            .ok()
+            .and_then(|o| {
+                o.split_whitespace()
+                    .skip_while(|w| *w != "inet")
+                    .nth(1)
+                    .and_then(|a| a.split('/').next())
+                    .and_then(|a| Subnet::parse(&format!("{a}/24")).ok())
+            });
+        let list = net::sh("ip", &["netns", "list"]).unwrap_or_default();
+        for ns in list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&prefix))
+        {
+            for pid in net::netns_pids(ns) {
+                kill(pid, libc::SIGKILL);
+                wait_dead(pid);
+            }
+            let node = &ns[prefix.len()..];
+            let veth = format!("pw{name}{}", node.trim_start_matches('n'));
+            net::del_host(ns, &veth);
+        }
+        net::sh_quiet("ip", &["link", "del", &bridge]);
+        if let Some(s) = subnet {
+            net::del_blackhole(&s);
+        }
+        Ok(())
+    }
+
     pub fn dsn(&self, node: &str) -> Result<String> {
         let n = self.node(node)?;
         Ok(format!(

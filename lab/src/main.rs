@@ -145,11 +145,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 serde_json::to_string_pretty(&lab.describe(true).await)?
             );
         }
-        Cmd::Down => {
-            let lab = Lab::load(&dir)?;
-            lab.down()?;
-            eprintln!("lab {} removed", lab.name);
-        }
+        Cmd::Down => match Lab::load(&dir) {
+            Ok(lab) => {
+                lab.down()?;
+                eprintln!("lab {} removed", lab.name);
+            }
+            Err(e) => {
+                eprintln!("{e:#}; removing whatever lab {} left behind", cli.name);
+                Lab::purge(&cli.name)?;
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        },
         Cmd::Fault { kind, node } => {
             let mut lab = Lab::load(&dir)?;
             lab.fault(kind, &node)?;

@@ -69,8 +69,14 @@ pub fn spec(id: u8, nodes: usize) -> LabSpec {
 impl TestLab {
     /// Builds the lab and waits until it is healthy. Removes a leftover lab of the same name.
     pub async fn up(spec: LabSpec) -> TestLab {
-        if let Ok(old) = Lab::load(&spec.dir) {
-            let _ = old.down();
+        match Lab::load(&spec.dir) {
+            Ok(old) => {
+                let _ = old.down();
+            }
+            Err(_) => {
+                let _ = Lab::purge(&spec.name);
+                let _ = std::fs::remove_dir_all(&spec.dir);
+            }
         }
         let lab = Lab::create(&spec).expect("create lab");
         let t = TestLab {
