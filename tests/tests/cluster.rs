@@ -22,6 +22,21 @@ async fn bootstrap_three_nodes_and_replicate() {
         })
         .await;
     }
+    // The primary's status is refreshed every loop: wait for both WAL senders to stream.
+    wait_for(
+        Duration::from_secs(10),
+        "n1 reports two streaming replicas",
+        || async {
+            t.status("n1").await.is_some_and(|p| {
+                p.replication
+                    .iter()
+                    .filter(|r| r.state == "streaming")
+                    .count()
+                    == 2
+            })
+        },
+    )
+    .await;
     let p = t.status("n1").await.unwrap();
     assert!(p.is_writable_primary());
     assert_eq!(p.timeline, Some(1));
