@@ -2,11 +2,13 @@
 //! of its own, so that it compiles to wasm and most tests can live here.
 
 pub mod api;
+pub mod candidate;
 pub mod config;
 pub mod decide;
 pub mod duration;
 pub mod event;
 pub mod health;
+pub mod lease;
 pub mod lsn;
 pub mod metrics;
 pub mod pgtext;

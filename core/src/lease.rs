@@ -1,0 +1,348 @@
+//! The primary's lease: the replicated state machine that decides who may run PostgreSQL as a
+//! writable primary, and the timing rules each side follows.
+//!
+//! Every change is a `Proposal` committed through the agents' replicated log and applied, in
+//! the same order, by `apply` on every member — so `apply` is deterministic: the time it uses
+//! is the proposer's wall clock, carried in the proposal.
+//!
+//! Safety (never two writable primaries) rests on three rules, with clocks whose pairwise
+//! offset is at most `drift_ms`:
+//! 1. A holder renews by proposing `Renew` stamped with its wall clock `t`; once committed the
+//!    lease runs to `t + ttl`. The holder itself trusts it only until `send + ttl - margin` on
+//!    its monotonic clock, where `send` is when it sent that renewal, and stops accepting
+//!    writes before then unless a later renewal committed (`holder_deadline`).
+//! 2. `Acquire` commits only when the proposer's clock is past the expiry plus `drift_ms`
+//!    (`apply` checks it, so a delayed proposal cannot sneak in after a renewal).
+//! 3. Every lease has an epoch; `Renew`/`Release` of an older epoch are refused, and every
+//!    action the agent takes carries the epoch it holds.
+
+use crate::lsn::Lsn;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub holder: String,
+    pub epoch: u64,
+    /// Wall-clock milliseconds at which the lease ends, by the holder's clock.
+    pub expires_at_ms: u64,
+    /// The holder's WAL position at its last renewal (bounds the loss of a failover).
+    pub last_lsn: Option<Lsn>,
+    /// The holder stepped down cleanly: the lease is free without waiting for its expiry.
+    #[serde(default)]
+    pub released: bool,
+}
+
+/// The replicated part of the cluster's state that the lease rules touch.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseState {
+    pub lease: Option<Lease>,
+    /// Maintenance mode: no automatic acquisition.
+    pub paused: bool,
+    /// Every change of holder, oldest first.
+    pub history: Vec<HolderChange>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HolderChange {
+    pub epoch: u64,
+    pub holder: String,
+    pub previous: Option<String>,
+    pub at_ms: u64,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Proposal {
+    /// Take the lease with epoch `epoch` (= current epoch + 1). `manual` (an operator's
+    /// failover) is allowed while paused, never while another lease is valid.
+    Acquire {
+        node: String,
+        epoch: u64,
+        now_ms: u64,
+        ttl_ms: u64,
+        reason: String,
+        manual: bool,
+    },
+    Renew {
+        node: String,
+        epoch: u64,
+        now_ms: u64,
+        ttl_ms: u64,
+        lsn: Option<Lsn>,
+    },
+    /// The holder stepped down cleanly (PostgreSQL stopped): the lease ends now.
+    Release {
+        node: String,
+        epoch: u64,
+        lsn: Option<Lsn>,
+    },
+    Pause,
+    Resume,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejected {
+    #[error("the lease is held by {holder} (epoch {epoch}) until {expires_at_ms}")]
+    Held {
+        holder: String,
+        epoch: u64,
+        expires_at_ms: u64,
+    },
+    #[error("stale epoch {given}: the current epoch is {current}")]
+    StaleEpoch { given: u64, current: u64 },
+    #[error("{node} does not hold the lease")]
+    NotHolder { node: String },
+    #[error("the lease already expired at {expires_at_ms}")]
+    Expired { expires_at_ms: u64 },
+    #[error("the cluster is paused (maintenance mode)")]
+    Paused,
+}
+
+impl LeaseState {
+    pub fn epoch(&self) -> u64 {
+        self.lease.as_ref().map_or(0, |l| l.epoch)
+    }
+
+    /// Whether the lease is free for an `Acquire` stamped `now_ms`.
+    pub fn acquirable(&self, now_ms: u64, drift_ms: u64) -> bool {
+        self.lease
+            .as_ref()
+            .is_none_or(|l| l.released || now_ms >= l.expires_at_ms.saturating_add(drift_ms))
+    }
+
+    /// Applies a committed proposal. Deterministic: the same proposals in the same order give
+    /// the same state on every member.
+    pub fn apply(&mut self, p: &Proposal, drift_ms: u64) -> Result<(), Rejected> {
+        match p {
+            Proposal::Acquire {
+                node,
+                epoch,
+                now_ms,
+                ttl_ms,
+                reason,
+                manual,
+            } => {
+                if self.paused && !manual {
+                    return Err(Rejected::Paused);
+                }
+                let current = self.epoch();
+                if *epoch != current + 1 {
+                    return Err(Rejected::StaleEpoch {
+                        given: *epoch,
+                        current,
+                    });
+                }
+                if !self.acquirable(*now_ms, drift_ms) {
+                    let l = self
+                        .lease
+                        .as_ref()
+                        .expect("acquirable is true without a lease");
+                    return Err(Rejected::Held {
+                        holder: l.holder.clone(),
+                        epoch: l.epoch,
+                        expires_at_ms: l.expires_at_ms,
+                    });
+                }
+                let previous = self.lease.as_ref().map(|l| l.holder.clone());
+                let last_lsn = self.lease.as_ref().and_then(|l| l.last_lsn);
+                self.lease = Some(Lease {
+                    holder: node.clone(),
+                    epoch: *epoch,
+                    expires_at_ms: now_ms + ttl_ms,
+                    last_lsn,
+                    released: false,
+                });
+                self.history.push(HolderChange {
+                    epoch: *epoch,
+                    holder: node.clone(),
+                    previous,
+                    at_ms: *now_ms,
+                    reason: reason.clone(),
+                });
+                Ok(())
+            }
+            Proposal::Renew {
+                node,
+                epoch,
+                now_ms,
+                ttl_ms,
+                lsn,
+            } => {
+                let l = self.holder_lease(node, *epoch)?;
+                if l.released || *now_ms > l.expires_at_ms {
+                    return Err(Rejected::Expired {
+                        expires_at_ms: l.expires_at_ms,
+                    });
+                }
+                l.expires_at_ms = l.expires_at_ms.max(now_ms + ttl_ms);
+                if lsn.is_some() {
+                    l.last_lsn = l.last_lsn.max(*lsn);
+                }
+                Ok(())
+            }
+            Proposal::Release { node, epoch, lsn } => {
+                let l = self.holder_lease(node, *epoch)?;
+                l.released = true;
+                if lsn.is_some() {
+                    l.last_lsn = l.last_lsn.max(*lsn);
+                }
+                Ok(())
+            }
+            Proposal::Pause => {
+                self.paused = true;
+                Ok(())
+            }
+            Proposal::Resume => {
+                self.paused = false;
+                Ok(())
+            }
+        }
+    }
+
+    fn holder_lease(&mut self, node: &str, epoch: u64) -> Result<&mut Lease, Rejected> {
+        let current = self.epoch();
+        match self.lease.as_mut() {
+            Some(l) if l.epoch != epoch => Err(Rejected::StaleEpoch {
+                given: epoch,
+                current,
+            }),
+            Some(l) if l.holder != node => Err(Rejected::NotHolder {
+                node: node.to_string(),
+            }),
+            Some(l) => Ok(l),
+            None => Err(Rejected::NotHolder {
+                node: node.to_string(),
+            }),
+        }
+    }
+}
+
+/// Until when (on the holder's monotonic clock, in ms) the holder may accept writes after a
+/// renewal or acquisition it sent at `sent_mono_ms` was committed.
+pub fn holder_deadline(sent_mono_ms: u64, ttl_ms: u64, margin_ms: u64) -> u64 {
+    (sent_mono_ms + ttl_ms).saturating_sub(margin_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acquire(node: &str, epoch: u64, now: u64) -> Proposal {
+        Proposal::Acquire {
+            node: node.into(),
+            epoch,
+            now_ms: now,
+            ttl_ms: 1000,
+            reason: "test".into(),
+            manual: false,
+        }
+    }
+    fn renew(node: &str, epoch: u64, now: u64) -> Proposal {
+        Proposal::Renew {
+            node: node.into(),
+            epoch,
+            now_ms: now,
+            ttl_ms: 1000,
+            lsn: Some(Lsn(now)),
+        }
+    }
+
+    #[test]
+    fn acquire_renew_expire() {
+        let mut s = LeaseState::default();
+        s.apply(&acquire("a", 1, 0), 100).unwrap();
+        assert_eq!(s.lease.as_ref().unwrap().expires_at_ms, 1000);
+        // Held: another node cannot take it before expiry + drift.
+        assert!(matches!(
+            s.apply(&acquire("b", 2, 1050), 100),
+            Err(Rejected::Held { .. })
+        ));
+        s.apply(&renew("a", 1, 500), 100).unwrap();
+        assert_eq!(s.lease.as_ref().unwrap().expires_at_ms, 1500);
+        assert_eq!(s.lease.as_ref().unwrap().last_lsn, Some(Lsn(500)));
+        assert!(matches!(
+            s.apply(&acquire("b", 2, 1599), 100),
+            Err(Rejected::Held { .. })
+        ));
+        s.apply(&acquire("b", 2, 1600), 100).unwrap();
+        assert_eq!(s.lease.as_ref().unwrap().holder, "b");
+        assert_eq!(
+            s.lease.as_ref().unwrap().last_lsn,
+            Some(Lsn(500)),
+            "kept for the next choice"
+        );
+        // The old holder's late renewal is refused by epoch.
+        assert!(matches!(
+            s.apply(&renew("a", 1, 1000), 100),
+            Err(Rejected::StaleEpoch { .. })
+        ));
+        assert_eq!(s.history.len(), 2);
+        assert_eq!(s.history[1].previous.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn stale_and_foreign_proposals_are_refused() {
+        let mut s = LeaseState::default();
+        assert!(matches!(
+            s.apply(&acquire("a", 2, 0), 0),
+            Err(Rejected::StaleEpoch { .. })
+        ));
+        s.apply(&acquire("a", 1, 0), 0).unwrap();
+        assert!(matches!(
+            s.apply(&renew("b", 1, 10), 0),
+            Err(Rejected::NotHolder { .. })
+        ));
+        assert!(matches!(
+            s.apply(&renew("a", 1, 1001), 0),
+            Err(Rejected::Expired { .. })
+        ));
+        // A delayed, older renewal never shortens the lease.
+        s.apply(&renew("a", 1, 900), 0).unwrap();
+        s.apply(&renew("a", 1, 100), 0).unwrap();
+        assert_eq!(s.lease.as_ref().unwrap().expires_at_ms, 1900);
+    }
+
+    #[test]
+    fn release_frees_the_lease_at_once() {
+        let mut s = LeaseState::default();
+        s.apply(&acquire("a", 1, 0), 500).unwrap();
+        s.apply(
+            &Proposal::Release {
+                node: "a".into(),
+                epoch: 1,
+                lsn: Some(Lsn(7)),
+            },
+            500,
+        )
+        .unwrap();
+        s.apply(&acquire("b", 2, 10), 500).unwrap();
+        assert_eq!(s.lease.as_ref().unwrap().last_lsn, Some(Lsn(7)));
+    }
+
+    #[test]
+    fn pause_blocks_automatic_acquisition_only() {
+        let mut s = LeaseState::default();
+        s.apply(&Proposal::Pause, 0).unwrap();
+        assert_eq!(s.apply(&acquire("a", 1, 0), 0), Err(Rejected::Paused));
+        let manual = Proposal::Acquire {
+            node: "a".into(),
+            epoch: 1,
+            now_ms: 0,
+            ttl_ms: 1000,
+            reason: "manual failover".into(),
+            manual: true,
+        };
+        s.apply(&manual, 0).unwrap();
+        // While paused the holder still renews: health checks and the lease keep working.
+        s.apply(&renew("a", 1, 10), 0).unwrap();
+        s.apply(&Proposal::Resume, 0).unwrap();
+        assert!(!s.paused);
+    }
+
+    #[test]
+    fn deadlines() {
+        assert_eq!(holder_deadline(10_000, 5_000, 1_000), 14_000);
+        assert_eq!(holder_deadline(0, 100, 1_000), 0);
+    }
+}
