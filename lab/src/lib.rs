@@ -7,6 +7,7 @@
 //! `status`, `fault`, `exec` and `down` work from any later process.
 
 pub mod net;
+pub mod probe;
 
 use anyhow::{anyhow, bail, Context, Result};
 use net::Subnet;

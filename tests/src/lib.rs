@@ -182,6 +182,32 @@ impl TestLab {
         .await;
     }
 
+    /// Starts the write probe on every node; stop it with the returned sender.
+    pub fn start_probe(
+        &self,
+        interval: Duration,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<pgwarden_lab::probe::ProbeReport>>,
+    ) {
+        let targets = self
+            .lab
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), self.lab.dsn(&n.name).expect("dsn")))
+            .collect();
+        let cfg = pgwarden_lab::probe::ProbeConfig {
+            targets,
+            interval,
+            write_timeout: Duration::from_secs(1),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(pgwarden_lab::probe::run(cfg, async move {
+            let _ = rx.await;
+        }));
+        (tx, task)
+    }
+
     /// The kinds of the events a node's agent recorded, oldest first.
     pub fn event_kinds(&self, node: &str) -> Vec<String> {
         self.events(node)

@@ -236,3 +236,64 @@ async fn agent_restart_adopts_running_postgres_and_existing_data() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_with_a_writer_running_loses_no_acknowledged_write() {
+    let t = TestLab::up(spec(13, 3)).await;
+    let (stop, probe) = t.start_probe(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let msg = t
+        .op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
+        .await;
+    let end: pgwarden_core::Lsn = msg.rsplit(' ').next().unwrap().parse().unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "n2 has the old primary's WAL",
+        || async {
+            t.status("n2")
+                .await
+                .and_then(|s| s.wal.received.or(s.wal.replayed))
+                .is_some_and(|l| l > end)
+        },
+    )
+    .await;
+    t.op("n2", "/v1/promote", None).await;
+    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.send(()).unwrap();
+    let r = probe.await.unwrap().unwrap();
+    eprintln!("switchover by API: {}", serde_json::to_string(&r).unwrap());
+    assert_eq!(r.lost_acknowledged, 0, "{r:?}");
+    assert_eq!(r.split_brain_writes, 0, "{r:?}");
+    assert_eq!(r.final_primary.as_deref(), Some("n2"));
+    assert!(r.per_node.get("n1").is_some_and(|&n| n > 10), "{r:?}");
+    assert!(r.per_node.get("n2").is_some_and(|&n| n > 10), "{r:?}");
+    assert!(
+        r.per_node.get("n3").is_none(),
+        "a replica never acknowledged a write"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_reports_two_primaries_and_lost_writes() {
+    // Negative control for the probe: two primaries on purpose, then the old one rewound.
+    let t = TestLab::up(spec(14, 3)).await;
+    let (stop, probe) = t.start_probe(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    t.op("n2", "/v1/promote", None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+        .await;
+    t.op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.send(()).unwrap();
+    let r = probe.await.unwrap().unwrap();
+    assert!(r.split_brain_writes > 10, "{r:?}");
+    assert!(
+        r.lost_acknowledged > 10,
+        "the old primary's writes were rewound away: {r:?}"
+    );
+    assert!(t.event_kinds("n1").contains(&"rewind".to_string()));
+}
