@@ -161,11 +161,9 @@ fn run(seed: u64, s: Settings) -> Result<usize, String> {
             let n = &mut nodes[i];
             let deadline = holder_deadline(sent_mono, s.ttl_ms, s.margin_ms);
             match p {
-                Proposal::Acquire { epoch, .. } => {
-                    // Only if nothing newer happened meanwhile on this node.
-                    if n.holding.is_none() {
-                        n.holding = Some((epoch, deadline));
-                    }
+                // Only if nothing newer happened meanwhile on this node.
+                Proposal::Acquire { epoch, .. } if n.holding.is_none() => {
+                    n.holding = Some((epoch, deadline));
                 }
                 Proposal::Renew { epoch, .. } => {
                     if let Some((e, d)) = n.holding {
