@@ -1,14 +1,9 @@
 //! `pgwarden-agent`: runs on every PostgreSQL node. Reads its configuration, then observes and
 //! manages the local PostgreSQL, serving health checks and its API.
 
-mod agent;
-mod events;
-mod http;
-mod pg;
-mod sys;
-
 use anyhow::{Context, Result};
 use clap::Parser;
+use pgwarden_agent::{agent, events, http, pg};
 use pgwarden_core::config::{AgentConfig, LogFormat};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -1,0 +1,9 @@
+//! The pgwarden agent as a library: the binary (`main.rs`) parses its command line and runs
+//! these parts; tests can drive them directly.
+
+pub mod agent;
+pub mod events;
+pub mod http;
+pub mod pg;
+pub mod raft;
+pub mod sys;
