@@ -67,6 +67,7 @@ pub struct OpRequest {
 /// State shared with the HTTP servers.
 pub struct Shared {
     pub cfg: Arc<AgentConfig>,
+    pub consensus: Arc<crate::raft::node::Consensus>,
     pub status: RwLock<NodeStatus>,
     pub events: EventLog,
     pub token: String,
@@ -520,7 +521,9 @@ impl Agent {
         }
         let intent = self.intent.clone();
         let crash_restarts = self.crash_restarts;
+        let consensus = self.shared.consensus.info();
         self.shared.update(|s| {
+            s.consensus = Some(consensus);
             s.name = me.clone();
             s.cluster = self.cfg.cluster.name.clone();
             s.role = role;

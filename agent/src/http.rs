@@ -96,6 +96,12 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/follow", post(follow))
         .route("/v1/restart", post(restart))
         .route("/v1/reinitialize", post(reinitialize))
+        .route("/v1/pause", post(pause))
+        .route("/v1/resume", post(resume))
+        .route("/v1/raft/append", post(raft_append))
+        .route("/v1/raft/vote", post(raft_vote))
+        .route("/v1/raft/snapshot", post(raft_snapshot))
+        .route("/v1/raft/propose", post(raft_propose))
         .fallback(|| async { problem(Problem::new(404, "Not Found", "no such API route")) })
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         .with_state(shared)
@@ -204,4 +210,73 @@ async fn restart(State(s): State<Arc<Shared>>) -> Response {
 }
 async fn reinitialize(State(s): State<Arc<Shared>>) -> Response {
     run_op(s, Op::Reinitialize).await
+}
+
+// ---- the replicated log ----
+
+use crate::raft::TypeConfig;
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use pgwarden_core::lease::Proposal;
+
+async fn raft_append(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Response {
+    Json(s.consensus.raft.append_entries(req).await).into_response()
+}
+
+async fn raft_vote(State(s): State<Arc<Shared>>, Json(req): Json<VoteRequest<u64>>) -> Response {
+    Json(s.consensus.raft.vote(req).await).into_response()
+}
+
+async fn raft_snapshot(
+    State(s): State<Arc<Shared>>,
+    Json(req): Json<InstallSnapshotRequest<TypeConfig>>,
+) -> Response {
+    Json(s.consensus.raft.install_snapshot(req).await).into_response()
+}
+
+async fn raft_propose(State(s): State<Arc<Shared>>, Json(p): Json<Proposal>) -> Response {
+    let r = s
+        .consensus
+        .propose_here(p)
+        .await
+        .map_err(|e| format!("{e:#}"));
+    Json(r).into_response()
+}
+
+/// Maintenance mode through the replicated log: every member sees the same flag.
+async fn set_paused(s: Arc<Shared>, paused: bool) -> Response {
+    let (name, p) = if paused {
+        ("pause", Proposal::Pause)
+    } else {
+        ("resume", Proposal::Resume)
+    };
+    match s.consensus.propose(p).await {
+        Ok(crate::raft::Applied(Ok(()))) => {
+            s.events.record(
+                if paused { "paused" } else { "resumed" },
+                format!("{name} committed to the replicated log"),
+            );
+            Json(OperationResult {
+                operation: name.into(),
+                ok: true,
+                message: format!("{name} committed"),
+                status: s.status(),
+            })
+            .into_response()
+        }
+        Ok(crate::raft::Applied(Err(e))) => {
+            problem(Problem::new(409, "Operation refused", e.to_string()))
+        }
+        Err(e) => problem(Problem::new(503, "No quorum", format!("{name}: {e:#}"))),
+    }
+}
+
+async fn pause(State(s): State<Arc<Shared>>) -> Response {
+    set_paused(s, true).await
+}
+
+async fn resume(State(s): State<Arc<Shared>>) -> Response {
+    set_paused(s, false).await
 }

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use pgwarden_agent::{agent, events, http, pg};
+use pgwarden_agent::{agent, events, http, pg, raft};
 use pgwarden_core::config::{AgentConfig, LogFormat};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -126,7 +126,9 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     let pg = pg::Pg::new(cfg.clone(), secrets.superuser, secrets.replication, major)?;
     pg.prepare_dirs()?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let consensus = Arc::new(raft::node::Consensus::start(&cfg, &secrets.token).await?);
     let shared = Arc::new(agent::Shared {
+        consensus,
         cfg: cfg.clone(),
         status: RwLock::new(Default::default()),
         events: events::EventLog::new(

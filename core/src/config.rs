@@ -615,6 +615,17 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A member's identity in the replicated log: a stable 64-bit hash (FNV-1a) of its name, so
+/// that the order of `cluster.members` does not matter. Never 0.
+pub fn member_id(name: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
 /// The physical replication slot a member streams through.
 pub fn slot_name(member: &str) -> String {
     member.to_ascii_lowercase().replace('-', "_")
@@ -792,6 +803,17 @@ shared_buffers = "128MB"
         let t = GOOD.replace("max_connections = 200", "wal_level = \"minimal\"");
         let e = parse(&t).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("postgresql.parameters.wal_level"));
+    }
+
+    #[test]
+    fn member_ids_are_stable_and_distinct() {
+        assert_eq!(member_id("n1"), member_id("n1"));
+        assert_ne!(member_id("n1"), member_id("n2"));
+        assert_eq!(
+            member_id("a"),
+            0xaf63_dc4c_8601_ec8c,
+            "FNV-1a 64 test vector"
+        );
     }
 
     #[test]

@@ -110,6 +110,22 @@ pub struct WalPositions {
     pub replayed: Option<Lsn>,
 }
 
+/// This member's view of the agents' replicated log and of the lease it carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consensus {
+    /// `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub raft_state: String,
+    pub term: u64,
+    /// The member currently leading the log, when known.
+    pub leader: Option<String>,
+    pub last_applied_index: Option<u64>,
+    pub members: Vec<String>,
+    /// The lease as this member applied it.
+    pub lease: Option<crate::lease::Lease>,
+    /// Maintenance mode: no automatic failover.
+    pub paused: bool,
+}
+
 /// Everything the agent knows about its node.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -143,6 +159,8 @@ pub struct NodeStatus {
     pub last_error: Option<String>,
     /// What the agent is waiting for before it can act, if anything.
     pub waiting_for: Option<String>,
+    /// The replicated log and the lease, as this member sees them.
+    pub consensus: Option<Consensus>,
     /// When the agent's loop last completed, in milliseconds since the Unix epoch.
     pub last_loop_ms: u64,
     pub agent_version: String,

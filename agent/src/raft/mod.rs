@@ -1,8 +1,11 @@
 //! The agents' replicated log, on openraft. The log carries `pgwarden_core::lease::Proposal`s;
 //! the state machine applies them with `LeaseState::apply`, so every member holds the same
-//! lease, maintenance flag and history. This module holds the types and the durable storage
-//! (`store`); the network and the agent's use of the lease come with the voting work.
+//! lease, maintenance flag and history. `store` is the durable storage, `network` the RPCs
+//! between agents, `node` this agent's member. Who is primary is not decided by the lease yet:
+//! that wiring comes with the rest of the voting work.
 
+pub mod network;
+pub mod node;
 pub mod store;
 
 use pgwarden_core::lease::{Proposal, Rejected};
