@@ -66,6 +66,8 @@ pub struct OpRequest {
 
 /// State shared with the HTTP servers.
 pub struct Shared {
+    /// The peers' statuses from the last poll (`None`: no answer).
+    pub peers: RwLock<Vec<(Member, Option<NodeStatus>)>>,
     pub cfg: Arc<AgentConfig>,
     pub consensus: Arc<crate::raft::node::Consensus>,
     pub status: RwLock<NodeStatus>,
@@ -77,6 +79,36 @@ pub struct Shared {
 impl Shared {
     pub fn status(&self) -> NodeStatus {
         self.status.read().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Every member: this node's status and the peers' from the last poll.
+    pub fn cluster_view(&self) -> pgwarden_core::api::ClusterView {
+        let me = self.status();
+        let peers = self.peers.read().map(|p| p.clone()).unwrap_or_default();
+        let members = self
+            .cfg
+            .cluster
+            .members
+            .iter()
+            .map(|m| pgwarden_core::api::MemberView {
+                name: m.name.clone(),
+                host: m.host.clone(),
+                pg_port: m.pg_port,
+                status: if m.name == self.cfg.node.name {
+                    Some(me.clone())
+                } else {
+                    peers
+                        .iter()
+                        .find(|(p, _)| p.name == m.name)
+                        .and_then(|(_, s)| s.clone())
+                },
+            })
+            .collect();
+        pgwarden_core::api::ClusterView {
+            cluster: self.cfg.cluster.name.clone(),
+            reported_by: self.cfg.node.name.clone(),
+            members,
+        }
     }
     fn update(&self, f: impl FnOnce(&mut NodeStatus)) {
         if let Ok(mut s) = self.status.write() {
@@ -341,6 +373,9 @@ impl Agent {
         }
         while let Some(Ok((i, st))) = set.join_next().await {
             self.peers[i].1 = st;
+        }
+        if let Ok(mut p) = self.shared.peers.write() {
+            *p = self.peers.clone();
         }
     }
 

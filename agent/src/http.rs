@@ -91,6 +91,7 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/status", get(status_handler))
         .route("/v1/events", get(events_handler))
+        .route("/v1/cluster", get(cluster_handler))
         .route("/v1/promote", post(promote))
         .route("/v1/demote", post(demote))
         .route("/v1/follow", post(follow))
@@ -130,6 +131,10 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
             r
         }
     }
+}
+
+async fn cluster_handler(State(shared): State<Arc<Shared>>) -> Response {
+    Json(shared.cluster_view()).into_response()
 }
 
 async fn events_handler(State(shared): State<Arc<Shared>>) -> Response {

@@ -54,3 +54,21 @@ impl Problem {
         self
     }
 }
+
+/// `GET /v1/cluster`: every member as this agent last saw it (its own status and its peers').
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub cluster: String,
+    /// The agent that answered.
+    pub reported_by: String,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub name: String,
+    pub host: String,
+    pub pg_port: u16,
+    /// `None` when the member's agent did not answer.
+    pub status: Option<NodeStatus>,
+}

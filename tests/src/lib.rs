@@ -288,6 +288,21 @@ pub fn run(prog: &Path, args: &[&str]) -> Result<(i32, String, String)> {
     ))
 }
 
+/// A workspace binary next to the test executable (`target/<profile>/<name>`).
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    for dir in exe.ancestors().skip(1).take(2) {
+        let p = dir.join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!(
+        "{name} not found next to {} (build the workspace first)",
+        exe.display()
+    );
+}
+
 pub fn agent_bin() -> std::path::PathBuf {
     let p = pgwarden_lab::default_agent_bin();
     if !p.is_file() {

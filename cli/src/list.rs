@@ -1,0 +1,202 @@
+//! The `list` table: one row per member, like the tables DBAs read in `patronictl list`.
+
+use pgwarden_core::api::ClusterView;
+use pgwarden_core::status::{PgState, Role};
+
+fn role(s: &pgwarden_core::status::NodeStatus) -> &'static str {
+    match s.role {
+        Role::Primary if s.is_writable_primary() => "Primary",
+        Role::Primary => "Primary (stepping down)",
+        Role::Replica if s.is_sync_standby() => "Sync Standby",
+        Role::Replica => "Replica",
+        Role::Unknown => "",
+    }
+}
+
+fn state(s: &pgwarden_core::status::NodeStatus) -> String {
+    if s.is_streaming() {
+        return "streaming".into();
+    }
+    match s.state {
+        PgState::Running => "running",
+        PgState::Starting => "starting",
+        PgState::Stopped => "stopped",
+        PgState::Bootstrapping => "bootstrapping",
+        PgState::Cloning => "creating replica",
+        PgState::Rewinding => "rewinding",
+        PgState::Refused => "refused",
+        PgState::Unknown => "unknown",
+    }
+    .into()
+}
+
+/// Renders the cluster as a table.
+pub fn render(view: &ClusterView) -> String {
+    let header = ["Member", "Host", "Role", "State", "TL", "Lag in MB"];
+    let mut rows: Vec<[String; 6]> = Vec::new();
+    for m in &view.members {
+        let host = format!("{}:{}", m.host, m.pg_port);
+        rows.push(match &m.status {
+            None => [
+                m.name.clone(),
+                host,
+                String::new(),
+                "unreachable".into(),
+                String::new(),
+                String::new(),
+            ],
+            Some(s) => [
+                m.name.clone(),
+                host,
+                role(s).into(),
+                state(s),
+                s.timeline.map(|t| t.to_string()).unwrap_or_default(),
+                match (s.role, s.lag_bytes) {
+                    (Role::Replica, Some(l)) => format!("{:.1}", l as f64 / 1_048_576.0),
+                    (Role::Replica, None) => "unknown".into(),
+                    _ => String::new(),
+                },
+            ],
+        });
+    }
+    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let sep = |title: Option<&str>| {
+        let mut line: String = w
+            .iter()
+            .map(|n| format!("+{}", "-".repeat(n + 2)))
+            .collect();
+        line.push('+');
+        if let Some(t) = title {
+            let t = format!("+ {t} ");
+            if t.len() < line.len() {
+                line.replace_range(..t.len(), &t);
+            }
+        }
+        line
+    };
+    let row = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            s.push_str(&format!("| {c:<width$} ", width = w[i]));
+        }
+        s.push('|');
+        s
+    };
+    let sysid = view
+        .members
+        .iter()
+        .find_map(|m| m.status.as_ref().and_then(|s| s.system_identifier.clone()));
+    let title = match sysid {
+        Some(id) => format!("Cluster: {} ({id})", view.cluster),
+        None => format!("Cluster: {}", view.cluster),
+    };
+    let mut out = vec![sep(Some(&title)), row(&header.map(String::from)), sep(None)];
+    for r in &rows {
+        out.push(row(r));
+    }
+    out.push(sep(None));
+    let paused = view
+        .members
+        .iter()
+        .filter_map(|m| m.status.as_ref()?.consensus.as_ref())
+        .any(|c| c.paused);
+    if paused {
+        out.push(" Maintenance mode: on".into());
+    }
+    out.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwarden_core::api::MemberView;
+    use pgwarden_core::status::*;
+
+    fn member(name: &str, status: Option<NodeStatus>) -> MemberView {
+        MemberView {
+            name: name.into(),
+            host: format!("10.0.0.{}", &name[1..]),
+            pg_port: 5432,
+            status,
+        }
+    }
+
+    #[test]
+    fn renders_roles_states_and_lag() {
+        let primary = NodeStatus {
+            role: Role::Primary,
+            state: PgState::Running,
+            intent: Intent::primary(),
+            timeline: Some(2),
+            system_identifier: Some("7301".into()),
+            ..Default::default()
+        };
+        let replica = NodeStatus {
+            role: Role::Replica,
+            state: PgState::Running,
+            intent: Intent::replica_of("n1"),
+            timeline: Some(2),
+            lag_bytes: Some(3 * 1_048_576 / 2),
+            wal_receiver: Some(WalReceiver {
+                status: "streaming".into(),
+                ..Default::default()
+            }),
+            sync_state: Some("sync".into()),
+            consensus: Some(Consensus {
+                paused: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let view = ClusterView {
+            cluster: "main".into(),
+            reported_by: "n1".into(),
+            members: vec![
+                member("n1", Some(primary)),
+                member("n2", Some(replica)),
+                member("n3", None),
+            ],
+        };
+        let t = render(&view);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("+ Cluster: main (7301) "), "{t}");
+        assert_eq!(
+            lines[1].split('|').map(str::trim).collect::<Vec<_>>()[1..7],
+            ["Member", "Host", "Role", "State", "TL", "Lag in MB"]
+        );
+        let cells = |l: &str| {
+            l.split('|')
+                .map(str::trim)
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            cells(lines[3])[1..7],
+            ["n1", "10.0.0.1:5432", "Primary", "running", "2", ""]
+        );
+        assert_eq!(
+            cells(lines[4])[1..7],
+            [
+                "n2",
+                "10.0.0.2:5432",
+                "Sync Standby",
+                "streaming",
+                "2",
+                "1.5"
+            ]
+        );
+        assert_eq!(
+            cells(lines[5])[1..7],
+            ["n3", "10.0.0.3:5432", "", "unreachable", "", ""]
+        );
+        assert_eq!(lines[7], " Maintenance mode: on");
+        // Every line of the table has the same width.
+        let width = lines[0].len();
+        assert!(lines[..7].iter().all(|l| l.chars().count() == width), "{t}");
+    }
+}
