@@ -9,6 +9,30 @@ use reqwest::Method;
 use serde_json::json;
 use std::time::Duration;
 
+/// Demotes `old` to follow `candidate` and waits until the candidate has received the old
+/// primary's last WAL record (the demotion reports where it ends), so promoting it loses nothing.
+async fn demote_and_wait_for_candidate(t: &TestLab, old: &str, candidate: &str) {
+    let msg = t
+        .op(old, "/v1/demote", Some(json!({ "primary": candidate })))
+        .await;
+    let end: pgwarden_core::Lsn = msg
+        .rsplit(' ')
+        .next()
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("demote reports the final LSN: {msg}"));
+    wait_for(
+        Duration::from_secs(20),
+        &format!("{candidate} received {old}'s last WAL"),
+        || async {
+            t.status(candidate)
+                .await
+                .and_then(|s| s.wal.received.or(s.wal.replayed))
+                .is_some_and(|l| l > end)
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_by_api_loses_nothing() {
     let t = TestLab::up(spec(5, 3)).await;
@@ -19,25 +43,7 @@ async fn switchover_by_api_loses_nothing() {
     .await
     .unwrap();
     // Demote first: a clean shutdown sends every WAL record to the replicas.
-    let msg = t
-        .op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
-        .await;
-    let end: pgwarden_core::Lsn = msg
-        .rsplit(' ')
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("demote reports the final LSN: {msg}"));
-    wait_for(
-        Duration::from_secs(20),
-        "n2 received the old primary's last WAL",
-        || async {
-            t.status("n2")
-                .await
-                .and_then(|s| s.wal.received.or(s.wal.replayed))
-                .is_some_and(|l| l > end)
-        },
-    )
-    .await;
+    demote_and_wait_for_candidate(&t, "n1", "n2").await;
     assert_eq!(t.check("n1", Method::GET, "/primary").await, 503);
     t.op("n2", "/v1/promote", None).await;
     let n3_started = t.status("n3").await.unwrap().postmaster_start_time;
@@ -242,21 +248,7 @@ async fn switchover_with_a_writer_running_loses_no_acknowledged_write() {
     let t = TestLab::up(spec(13, 3)).await;
     let (stop, probe) = t.start_probe(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let msg = t
-        .op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
-        .await;
-    let end: pgwarden_core::Lsn = msg.rsplit(' ').next().unwrap().parse().unwrap();
-    wait_for(
-        Duration::from_secs(20),
-        "n2 has the old primary's WAL",
-        || async {
-            t.status("n2")
-                .await
-                .and_then(|s| s.wal.received.or(s.wal.replayed))
-                .is_some_and(|l| l > end)
-        },
-    )
-    .await;
+    demote_and_wait_for_candidate(&t, "n1", "n2").await;
     t.op("n2", "/v1/promote", None).await;
     t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
         .await;
