@@ -34,6 +34,16 @@ fn row<'a>(table: &'a str, member: &str) -> Vec<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_shows_every_member() {
     let mut t = TestLab::up(spec(16, 3)).await;
+    // The answering agent reports its peers as of its last poll (one loop at most).
+    pgwarden_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        "n2 sees everyone",
+        || async {
+            let (_, out, _) = ctl(&t, &["list"], true);
+            out.matches("streaming").count() == 2
+        },
+    )
+    .await;
     let (code, out, err) = ctl(&t, &["list"], true);
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("+ Cluster: t16 ("), "{out}");
