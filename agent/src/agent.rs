@@ -66,6 +66,8 @@ pub struct OpRequest {
 
 /// State shared with the HTTP servers.
 pub struct Shared {
+    /// The postmaster's PID (0 when none), kept by the loop for the health checks.
+    pub postmaster_pid: std::sync::atomic::AtomicI32,
     /// The peers' statuses from the last poll (`None`: no answer).
     pub peers: RwLock<Vec<(Member, Option<NodeStatus>)>>,
     pub cfg: Arc<AgentConfig>,
@@ -78,7 +80,14 @@ pub struct Shared {
 
 impl Shared {
     pub fn status(&self) -> NodeStatus {
-        self.status.read().map(|s| s.clone()).unwrap_or_default()
+        let pid = self
+            .postmaster_pid
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.status
+            .read()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+            .with_postmaster_alive(pid > 0 && sys::pid_alive(pid))
     }
 
     /// Every member: this node's status and the peers' from the last poll.
@@ -347,6 +356,7 @@ impl Agent {
                     self.last_error = Some(msg);
                 }
                 self.state_override = None;
+                self.publish_pid();
                 let err = self.last_error.clone();
                 self.shared.update(|s| {
                     s.basebackup = None;
@@ -395,6 +405,7 @@ impl Agent {
             );
         }
         self.poll_peers().await;
+        self.publish_pid();
         let data_dir = self.pg.data_dir_state();
         let mut sql: Option<SqlStatus> = None;
         let postmaster = if self.pg.is_running() {
@@ -605,6 +616,17 @@ impl Agent {
         });
     }
 
+    fn publish_pid(&mut self) {
+        let pid = if self.pg.is_running() {
+            self.pg.pid().unwrap_or(0)
+        } else {
+            0
+        };
+        self.shared
+            .postmaster_pid
+            .store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn set_state(&mut self, st: PgState) {
         self.state_override = Some(st);
         self.shared.update(|s| {
@@ -675,6 +697,7 @@ impl Agent {
             }
             Action::Demote { follow } => {
                 let up = self.member(follow)?;
+                self.set_state(PgState::Stopping);
                 let clean = self.pg.stop(true).await?;
                 let end = self.pg.controldata().await.ok().map(|cd| cd.checkpoint_lsn);
                 let end = end
@@ -701,6 +724,7 @@ impl Agent {
             }
             Action::Rejoin { from } => {
                 let up = self.member(from)?;
+                self.set_state(PgState::Stopping);
                 self.pg.stop(true).await?;
                 self.prepare_standby(&up, true).await?;
                 self.pg.write_config(Some(&up))?;
@@ -712,6 +736,7 @@ impl Agent {
             }
             Action::Restart => {
                 self.pending = None;
+                self.set_state(PgState::Stopping);
                 self.pg.stop(true).await?;
                 let up = match &self.intent.upstream {
                     Some(u) if self.intent.role == DesiredRole::Replica => Some(self.member(u)?),
@@ -727,6 +752,7 @@ impl Agent {
             Action::Reinitialize { from } => {
                 self.pending = None;
                 let up = self.member(from)?;
+                self.set_state(PgState::Stopping);
                 self.pg.stop(true).await?;
                 self.move_aside()?;
                 self.clone_from(&up).await

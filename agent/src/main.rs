@@ -128,6 +128,7 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let consensus = Arc::new(raft::node::Consensus::start(&cfg, &secrets.token).await?);
     let shared = Arc::new(agent::Shared {
+        postmaster_pid: std::sync::atomic::AtomicI32::new(0),
         peers: RwLock::new(Vec::new()),
         consensus,
         cfg: cfg.clone(),

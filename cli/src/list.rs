@@ -20,6 +20,7 @@ fn state(s: &pgwarden_core::status::NodeStatus) -> String {
     match s.state {
         PgState::Running => "running",
         PgState::Starting => "starting",
+        PgState::Stopping => "stopping",
         PgState::Stopped => "stopped",
         PgState::Bootstrapping => "bootstrapping",
         PgState::Cloning => "creating replica",

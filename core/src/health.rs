@@ -217,6 +217,33 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_postmaster_or_a_stopping_node_fails_every_check() {
+        for s in [
+            primary().with_postmaster_alive(false),
+            NodeStatus {
+                state: PgState::Stopping,
+                ..primary()
+            },
+        ] {
+            for p in ["/primary", "/read-only", "/health", "/readiness"] {
+                assert!(!ok(p, &s), "{p} on {:?}", s.state);
+            }
+        }
+        for s in [
+            replica(Some(0)).with_postmaster_alive(false),
+            NodeStatus {
+                state: PgState::Stopping,
+                ..replica(Some(0))
+            },
+        ] {
+            for p in ["/replica", "/read-only", "/health", "/async"] {
+                assert!(!ok(p, &s), "{p} on {:?}", s.state);
+            }
+        }
+        assert!(ok("/primary", &primary().with_postmaster_alive(true)));
+    }
+
+    #[test]
     fn readiness() {
         assert!(ok("/readiness", &primary()));
         assert!(ok("/readiness", &replica(Some(0))));

@@ -24,6 +24,8 @@ pub enum PgState {
     Running,
     /// Postmaster up, not yet accepting connections (crash recovery, startup).
     Starting,
+    /// The agent is stopping PostgreSQL (demotion, restart, rejoin, reinitialization).
+    Stopping,
     Stopped,
     /// Running initdb for a new cluster.
     Bootstrapping,
@@ -167,6 +169,16 @@ pub struct NodeStatus {
 }
 
 impl NodeStatus {
+    /// The status as health checks should see it now: the status is published once per loop,
+    /// so a postmaster that died since (`postmaster_alive == false`) makes it `stopped` at once
+    /// instead of up to a loop later.
+    pub fn with_postmaster_alive(mut self, postmaster_alive: bool) -> NodeStatus {
+        if !postmaster_alive && self.state == PgState::Running {
+            self.state = PgState::Stopped;
+        }
+        self
+    }
+
     /// A writable primary that the agent intends to be primary.
     pub fn is_writable_primary(&self) -> bool {
         self.state == PgState::Running
