@@ -60,6 +60,15 @@ fn lsn_opt(s: Option<String>) -> Option<Lsn> {
     s.and_then(|s| s.parse().ok())
 }
 
+/// Reads a column without panicking on an unexpected NULL or type: input from PostgreSQL must
+/// not be able to crash the agent.
+fn col<T>(r: &tokio_postgres::Row, i: usize) -> Option<T>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    r.try_get::<_, Option<T>>(i).ok().flatten()
+}
+
 impl Pg {
     pub fn new(
         cfg: Arc<AgentConfig>,
@@ -465,18 +474,21 @@ impl Pg {
             )
             .await
             .context("query status")?;
+        let in_recovery: bool =
+            col(&r, 0).ok_or_else(|| anyhow!("pg_is_in_recovery() returned nothing"))?;
         let mut st = SqlStatus {
-            in_recovery: r.get(0),
-            server_version: r.get::<_, String>(1).parse().unwrap_or(0),
-            system_identifier: r.get(2),
-            started: r.get(3),
-            write: lsn_opt(r.get(4)),
-            flush: lsn_opt(r.get(5)),
-            received: lsn_opt(r.get(6)),
-            replayed: lsn_opt(r.get(7)),
-            timeline: r.get::<_, Option<String>>(8).and_then(|t| t.parse().ok()),
-            pending_restart: r
-                .get::<_, Option<String>>(9)
+            in_recovery,
+            server_version: col::<String>(&r, 1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            system_identifier: col(&r, 2).unwrap_or_default(),
+            started: col(&r, 3).unwrap_or_default(),
+            write: lsn_opt(col(&r, 4)),
+            flush: lsn_opt(col(&r, 5)),
+            received: lsn_opt(col(&r, 6)),
+            replayed: lsn_opt(col(&r, 7)),
+            timeline: col::<String>(&r, 8).and_then(|t| t.parse().ok()),
+            pending_restart: col::<String>(&r, 9)
                 .map(|s| s.split(',').map(String::from).collect())
                 .unwrap_or_default(),
             ..Default::default()
@@ -490,14 +502,12 @@ impl Pg {
             .await
             .context("query pg_stat_wal_receiver")?;
         st.wal_receiver = rows.first().map(|r| WalReceiver {
-            status: r.get(0),
-            sender_host: r.get(1),
-            sender_port: r
-                .get::<_, Option<i32>>(2)
-                .and_then(|p| u16::try_from(p).ok()),
-            received_tli: r.get::<_, Option<String>>(3).and_then(|t| t.parse().ok()),
-            latest_end_lsn: lsn_opt(r.get(4)),
-            slot_name: r.get(5),
+            status: col(r, 0).unwrap_or_default(),
+            sender_host: col(r, 1),
+            sender_port: col::<i32>(r, 2).and_then(|p| u16::try_from(p).ok()),
+            received_tli: col::<String>(r, 3).and_then(|t| t.parse().ok()),
+            latest_end_lsn: lsn_opt(col(r, 4)),
+            slot_name: col(r, 5),
         });
         if st.in_recovery {
             if let Some(t) = st.wal_receiver.as_ref().and_then(|w| w.received_tli) {
@@ -516,14 +526,14 @@ impl Pg {
         st.replication = rows
             .iter()
             .map(|r| ReplicationConn {
-                application_name: r.get(0),
-                client_addr: r.get(1),
-                state: r.get::<_, Option<String>>(2).unwrap_or_default(),
-                sent_lsn: lsn_opt(r.get(3)),
-                write_lsn: lsn_opt(r.get(4)),
-                flush_lsn: lsn_opt(r.get(5)),
-                replay_lsn: lsn_opt(r.get(6)),
-                sync_state: r.get::<_, Option<String>>(7).unwrap_or_default(),
+                application_name: col(r, 0).unwrap_or_default(),
+                client_addr: col(r, 1),
+                state: col(r, 2).unwrap_or_default(),
+                sent_lsn: lsn_opt(col(r, 3)),
+                write_lsn: lsn_opt(col(r, 4)),
+                flush_lsn: lsn_opt(col(r, 5)),
+                replay_lsn: lsn_opt(col(r, 6)),
+                sync_state: col(r, 7).unwrap_or_default(),
             })
             .collect();
         Ok(st)
@@ -531,12 +541,11 @@ impl Pg {
 
     pub async fn promote(&mut self) -> Result<()> {
         let c = self.connect().await?;
-        let ok: bool = c
+        let row = c
             .query_one("SELECT pg_promote(true, 60)", &[])
             .await
-            .context("pg_promote")?
-            .get(0);
-        if !ok {
+            .context("pg_promote")?;
+        if !col::<bool>(&row, 0).unwrap_or(false) {
             bail!("pg_promote did not finish within 60 s");
         }
         for stmt in [
@@ -611,7 +620,13 @@ impl Pg {
             .context("list replication slots")?;
         let have: Vec<(String, bool, bool)> = rows
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .map(|r| {
+                (
+                    col(r, 0).unwrap_or_default(),
+                    col(r, 1).unwrap_or(false),
+                    col(r, 2).unwrap_or(false),
+                )
+            })
             .collect();
         for s in &wanted {
             if !have.iter().any(|(n, _, _)| n == s) {
@@ -739,17 +754,18 @@ impl Pg {
             )
             .await
             .context("read upstream timeline")?;
-        let tli: i32 = row.get(0);
-        let tli = tli as u32;
+        let tli = col::<i32>(&row, 0)
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or_else(|| anyhow!("{} reported no timeline", up.name))?;
         if tli <= 1 {
             return Ok((tli, Vec::new()));
         }
         let file = format!("pg_wal/{tli:08X}.history");
-        let text: String = c
+        let row = c
             .query_one("SELECT pg_read_file($1)", &[&file])
             .await
-            .with_context(|| format!("read {file} on {}", up.name))?
-            .get(0);
+            .with_context(|| format!("read {file} on {}", up.name))?;
+        let text: String = col(&row, 0).ok_or_else(|| anyhow!("{file} on {} is empty", up.name))?;
         let hist = pgtext::parse_history(&text).map_err(|e| anyhow!(e))?;
         Ok((tli, hist))
     }

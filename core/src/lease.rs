@@ -133,11 +133,8 @@ impl LeaseState {
                         current,
                     });
                 }
-                if !self.acquirable(*now_ms, drift_ms) {
-                    let l = self
-                        .lease
-                        .as_ref()
-                        .expect("acquirable is true without a lease");
+                let held = !self.acquirable(*now_ms, drift_ms);
+                if let Some(l) = self.lease.as_ref().filter(|_| held) {
                     return Err(Rejected::Held {
                         holder: l.holder.clone(),
                         epoch: l.epoch,
