@@ -144,6 +144,10 @@ pub struct Agent {
     not_streaming_since: Option<Instant>,
 }
 
+/// How long an API operation waits on a condition it cannot change (e.g. an unreachable
+/// upstream) before answering; the agent keeps working towards the intent afterwards.
+const OP_MAX_WAIT: Duration = Duration::from_secs(30);
+
 fn intent_path(cfg: &AgentConfig) -> PathBuf {
     PathBuf::from(&cfg.node.state_dir).join("intent.json")
 }
@@ -256,6 +260,16 @@ impl Agent {
             }
             Ok(())
         };
+        let has_data = matches!(self.pg.data_dir_state(), DataDir::Valid { .. });
+        match &op {
+            Op::Promote | Op::Demote { .. } if !has_data => {
+                return Err(OpError::new(
+                    409,
+                    format!("{name}: this node has no usable data directory"),
+                ));
+            }
+            _ => {}
+        }
         match &op {
             Op::Promote => self.intent = Intent::primary(),
             Op::Demote { primary } => {
@@ -291,6 +305,7 @@ impl Agent {
             + self.cfg.postgresql.start_timeout.0
             + self.cfg.postgresql.stop_timeout.0
             + Duration::from_secs(600);
+        let mut waiting_since: Option<Instant> = None;
         loop {
             self.last_error = None;
             let action = self.step().await;
@@ -308,10 +323,18 @@ impl Agent {
                     self.pending = None;
                     return Err(OpError::new(409, why));
                 }
-                Action::Wait(_) | Action::Nothing => {
+                Action::Wait(why) => {
+                    let since = *waiting_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > OP_MAX_WAIT {
+                        return Err(OpError::new(
+                            503,
+                            format!("{name} is waiting: {why} (the agent keeps trying)"),
+                        ));
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await
                 }
-                _ => {}
+                Action::Nothing => tokio::time::sleep(Duration::from_millis(200)).await,
+                _ => waiting_since = None,
             }
             if Instant::now() > deadline {
                 return Err(OpError::new(
