@@ -19,7 +19,7 @@ The demo cluster is up. Try:
   export PATH=$bin:\$PATH
   pgwarden-lab status                          # roles, timelines, lag
   pgwarden-lab exec n1 -- psql -c 'select 1'   # psql inside host n1
-  PGWARDEN_TOKEN=<token> pgwardenctl --agent http://<node host>:8443 list
+  PGWARDEN_TOKEN=<token> pgwardenctl --ca /var/tmp/pgwarden-lab/lab/ca/ca.pem --agent https://<node host>:8443 list
   pgwarden-probe --seconds 10                  # write gap, lost writes, split brain
   curl -s -o /dev/null -w '%{http_code}\n' http://<node host>:8008/primary
   pgwarden-lab fault kill-postgres n1          # the agent restarts it in place

@@ -99,10 +99,17 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/reinitialize", post(reinitialize))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
-        .route("/v1/raft/append", post(raft_append))
-        .route("/v1/raft/vote", post(raft_vote))
-        .route("/v1/raft/snapshot", post(raft_snapshot))
-        .route("/v1/raft/propose", post(raft_propose))
+        .merge(
+            Router::new()
+                .route("/v1/raft/append", post(raft_append))
+                .route("/v1/raft/vote", post(raft_vote))
+                .route("/v1/raft/snapshot", post(raft_snapshot))
+                .route("/v1/raft/propose", post(raft_propose))
+                .layer(middleware::from_fn_with_state(
+                    shared.clone(),
+                    require_peer_cert,
+                )),
+        )
         .fallback(|| async { problem(Problem::new(404, "Not Found", "no such API route")) })
         .layer(middleware::from_fn_with_state(shared.clone(), auth))
         .with_state(shared)
@@ -135,6 +142,27 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
 
 async fn cluster_handler(State(shared): State<Arc<Shared>>) -> Response {
     Json(shared.cluster_view()).into_response()
+}
+
+/// With TLS on, Raft traffic must come from a member of the installation: a client that
+/// presented a certificate signed by the CA.
+async fn require_peer_cert(
+    State(shared): State<Arc<Shared>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let peer = req
+        .extensions()
+        .get::<crate::tls::PeerCert>()
+        .is_some_and(|p| p.0);
+    if shared.cfg.tls.is_some() && !peer {
+        return problem(Problem::new(
+            403,
+            "Forbidden",
+            "Raft traffic needs a client certificate signed by the installation's CA",
+        ));
+    }
+    next.run(req).await
 }
 
 async fn events_handler(State(shared): State<Arc<Shared>>) -> Response {

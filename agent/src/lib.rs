@@ -2,8 +2,10 @@
 //! these parts; tests can drive them directly.
 
 pub mod agent;
+pub mod certs;
 pub mod events;
 pub mod http;
 pub mod pg;
 pub mod raft;
 pub mod sys;
+pub mod tls;

@@ -2,7 +2,7 @@
 //! manages the local PostgreSQL, serving health checks and its API.
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use pgwarden_agent::{agent, events, http, pg, raft};
 use pgwarden_core::config::{AgentConfig, LogFormat};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,62 @@ struct Cli {
     /// Validate the configuration and exit (0 when valid, 2 when not).
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// The installation's certificate authority and certificates for mutual TLS.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Create a CA (`ca.pem`, `ca.key`) in DIR and print its SHA-256 fingerprint.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Sign a certificate for a node or an operator: writes OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// The directory holding the CA.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// An address or DNS name the certificate is valid for (repeatable).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn certs_cmd(cmd: CertsCmd) -> ExitCode {
+    let res = match cmd {
+        CertsCmd::Init { dir } => pgwarden_agent::certs::init(&dir).map(|fp| {
+            println!("created {}/ca.pem; SHA-256 fingerprint {fp}", dir.display());
+        }),
+        CertsCmd::Issue {
+            ca_dir,
+            name,
+            hosts,
+            out,
+        } => pgwarden_agent::certs::issue(&ca_dir, &name, &hosts, &out).map(|()| {
+            println!("wrote {0}/{name}.pem and {0}/{name}.key", out.display());
+        }),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Reads a secret given inline or as a file (first line).
@@ -65,11 +121,23 @@ fn load(path: &Path) -> Result<(AgentConfig, Secrets), String> {
         })
     })()
     .map_err(|e| format!("{file}: {e:#}"))?;
+    if let Some(t) = &cfg.tls {
+        for (key, path) in [
+            ("tls.ca_file", &t.ca_file),
+            ("tls.cert_file", &t.cert_file),
+            ("tls.key_file", &t.key_file),
+        ] {
+            std::fs::metadata(path).map_err(|e| format!("{file}: {key}: {path}: {e}"))?;
+        }
+    }
     Ok((cfg, s))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Certs { cmd }) = cli.cmd {
+        return certs_cmd(cmd);
+    }
     let (cfg, secrets) = match load(&cli.config) {
         Ok(v) => v,
         Err(e) => {
@@ -127,6 +195,13 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     pg.prepare_dirs()?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let consensus = Arc::new(raft::node::Consensus::start(&cfg, &secrets.token).await?);
+    let tls = match &cfg.tls {
+        Some(t) => Some(pgwarden_agent::tls::acceptor(t).context("set up TLS for the agent API")?),
+        None => {
+            tracing::warn!("no [tls] section: the agent API and Raft traffic are plain HTTP (for development only)");
+            None
+        }
+    };
     let shared = Arc::new(agent::Shared {
         postmaster_pid: std::sync::atomic::AtomicI32::new(0),
         peers: RwLock::new(Vec::new()),
@@ -161,7 +236,16 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     );
     let agent = agent::Agent::new(shared.clone(), pg)?;
     let h = axum::serve(health, http::health_router(shared.clone()));
-    let a = axum::serve(api, http::api_router(shared.clone()));
+    let a = async {
+        match tls {
+            Some(acc) => {
+                pgwarden_agent::tls::serve(api, acc, http::api_router(shared.clone())).await
+            }
+            None => axum::serve(api, http::api_router(shared.clone()))
+                .await
+                .map_err(anyhow::Error::from),
+        }
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install SIGTERM handler")?;
     tokio::select! {

@@ -22,6 +22,14 @@ struct Cli {
     /// The agent API's bearer token.
     #[arg(long, global = true, env = "PGWARDEN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The installation's CA certificate (PEM), to verify an https:// agent.
+    #[arg(long, global = true, env = "PGWARDEN_CA")]
+    ca: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) signed by the installation's CA, with --key.
+    #[arg(long, global = true, env = "PGWARDEN_CERT", requires = "key")]
+    cert: Option<std::path::PathBuf>,
+    #[arg(long, global = true, env = "PGWARDEN_KEY", requires = "cert")]
+    key: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -35,14 +43,30 @@ enum Cmd {
     List,
 }
 
+fn client(cli: &Cli) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
+    if let Some(ca) = &cli.ca {
+        let pem = std::fs::read(ca).with_context(|| format!("read --ca {}", ca.display()))?;
+        b = b
+            .use_rustls_tls()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("parse --ca")?);
+    }
+    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
+        let mut ident =
+            std::fs::read(cert).with_context(|| format!("read --cert {}", cert.display()))?;
+        ident.extend(std::fs::read(key).with_context(|| format!("read --key {}", key.display()))?);
+        b = b.identity(reqwest::Identity::from_pem(&ident).context("parse --cert/--key")?);
+    }
+    b.build().context("build the HTTP client")
+}
+
 async fn get_view(cli: &Cli) -> Result<ClusterView> {
     let Some(token) = &cli.token else {
         bail!("a token is required: --token or PGWARDEN_TOKEN");
     };
     let url = format!("{}/v1/cluster", cli.agent.trim_end_matches('/'));
-    let r = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(10))
-        .build()?
+    let r = client(cli)?
         .get(&url)
         .bearer_auth(token)
         .send()

@@ -20,7 +20,18 @@ pub struct AgentConfig {
     pub api: ApiSection,
     #[serde(default)]
     pub health: HealthSection,
+    /// Mutual TLS for the agent API and the traffic between agents.
+    pub tls: Option<TlsSection>,
     pub postgresql: PostgresSection,
+}
+
+/// The node's certificate and the installation's CA (`pgwarden-agent certs init|issue`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub ca_file: String,
+    pub cert_file: String,
+    pub key_file: String,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]

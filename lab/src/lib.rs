@@ -41,6 +41,9 @@ pub struct LabSpec {
     pub loop_wait: String,
     /// Extra environment for every agent (e.g. `PGWARDEN_FAILPOINTS` in tests).
     pub agent_env: Vec<(String, String)>,
+    /// Mutual TLS on the agents' API (a lab CA, a certificate per node and one for the
+    /// operator).
+    pub tls: bool,
 }
 
 impl LabSpec {
@@ -60,6 +63,7 @@ impl LabSpec {
             base_port: 25400,
             loop_wait: "1s".into(),
             agent_env: Vec::new(),
+            tls: true,
         }
     }
 }
@@ -92,7 +96,17 @@ pub struct Lab {
     pub pg_bin: PathBuf,
     #[serde(default)]
     pub agent_env: Vec<(String, String)>,
+    /// The operator's client certificate and the lab CA, when TLS is on.
+    #[serde(default)]
+    pub tls: Option<LabTls>,
     pub nodes: Vec<LabNode>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 pub fn is_root() -> bool {
@@ -206,6 +220,7 @@ impl Lab {
             agent_bin: spec.agent_bin.clone(),
             pg_bin: spec.pg_bin.clone(),
             agent_env: spec.agent_env.clone(),
+            tls: None,
             nodes: Vec::new(),
         };
         for i in 1..=spec.nodes {
@@ -250,6 +265,9 @@ impl Lab {
                 }
             }
         }
+        if spec.tls {
+            lab.make_certs()?;
+        }
         let replication_password = random_hex(12)?;
         for n in &lab.nodes {
             std::fs::create_dir_all(&n.dir)?;
@@ -261,6 +279,63 @@ impl Lab {
             lab.start_agent(&n)?;
         }
         Ok(lab)
+    }
+
+    /// A lab CA, a certificate per node (valid for its address) and one for the operator,
+    /// made with `pgwarden-agent certs`.
+    fn make_certs(&mut self) -> Result<()> {
+        let ca = self.dir.join("ca");
+        let run = |args: &[&str]| -> Result<()> {
+            let out = Command::new(&self.agent_bin)
+                .args(args)
+                .output()
+                .with_context(|| format!("run {} certs", self.agent_bin.display()))?;
+            if !out.status.success() {
+                bail!(
+                    "pgwarden-agent {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        };
+        let ca_s = ca.to_string_lossy().to_string();
+        run(&["certs", "init", "--dir", &ca_s])?;
+        for n in &self.nodes {
+            let out = n.dir.join("tls").to_string_lossy().to_string();
+            run(&[
+                "certs", "issue", "--ca-dir", &ca_s, "--name", &n.name, "--host", &n.host, "--out",
+                &out,
+            ])?;
+        }
+        let op = ca.join("operator").to_string_lossy().to_string();
+        run(&[
+            "certs", "issue", "--ca-dir", &ca_s, "--name", "operator", "--out", &op,
+        ])?;
+        self.tls = Some(LabTls {
+            ca: ca.join("ca.pem"),
+            cert: ca.join("operator/operator.pem"),
+            key: ca.join("operator/operator.key"),
+        });
+        self.save()
+    }
+
+    /// An HTTPS client for the agents' API: trusts the lab CA and presents the operator's
+    /// certificate (plain HTTP when the lab runs without TLS).
+    pub fn http_client(&self, timeout: Duration) -> Result<reqwest::Client> {
+        let b = reqwest::Client::builder().timeout(timeout);
+        let b = match &self.tls {
+            Some(t) => {
+                let mut ident = std::fs::read(&t.cert)?;
+                ident.extend(std::fs::read(&t.key)?);
+                b.use_rustls_tls()
+                    .tls_built_in_root_certs(false)
+                    .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&t.ca)?)?)
+                    .identity(reqwest::Identity::from_pem(&ident)?)
+            }
+            None => b,
+        };
+        Ok(b.build()?)
     }
 
     fn agent_config(&self, n: &LabNode, spec: &LabSpec, replication_password: &str) -> String {
@@ -299,7 +374,7 @@ token = "{token}"
 
 [health]
 listen = "{bind}:{health}"
-
+{tls}
 [postgresql]
 bin_dir = "{pg_bin}"
 data_dir = "{data}"
@@ -327,6 +402,15 @@ log_line_prefix = "%m [%p] %q%a "
             data = n.data_dir.display(),
             su = self.superuser_password,
             rp = replication_password,
+            tls = match &self.tls {
+                Some(t) => format!(
+                    "\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                    t.ca.display(),
+                    n.dir.join(format!("tls/{}.pem", n.name)).display(),
+                    n.dir.join(format!("tls/{}.key", n.name)).display()
+                ),
+                None => String::new(),
+            },
         )
     }
 
@@ -574,7 +658,8 @@ log_line_prefix = "%m [%p] %q%a "
 
     pub fn api_url(&self, node: &str) -> Result<String> {
         let n = self.node(node)?;
-        Ok(format!("http://{}:{}", n.host, n.api_port))
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        Ok(format!("{scheme}://{}:{}", n.host, n.api_port))
     }
 
     /// Each node's live status (None when its agent does not answer).
@@ -660,7 +745,7 @@ log_line_prefix = "%m [%p] %q%a "
                     "pg_port": n.pg_port,
                     "dsn": format!("postgresql://postgres:{}@{}:{}/postgres", self.superuser_password, n.host, n.pg_port),
                     "health_url": format!("http://{}:{}", n.host, n.health_port),
-                    "api_url": format!("http://{}:{}", n.host, n.api_port),
+                    "api_url": self.api_url(&n.name).unwrap_or_default(),
                     "data_dir": n.data_dir,
                     "agent_pid": n.agent_pid,
                     "role": st.map(|s| s.role).unwrap_or(Role::Unknown),
@@ -678,6 +763,7 @@ log_line_prefix = "%m [%p] %q%a "
             "bridge": self.bridge,
             "dir": self.dir,
             "token": self.token,
+            "tls": self.tls,
             "superuser": "postgres",
             "superuser_password": self.superuser_password,
             "nodes": nodes,

@@ -79,13 +79,10 @@ impl TestLab {
             }
         }
         let lab = Lab::create(&spec).expect("create lab");
-        let t = TestLab {
-            lab,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("http client"),
-        };
+        let http = lab
+            .http_client(Duration::from_secs(120))
+            .expect("http client");
+        let t = TestLab { lab, http };
         t.lab
             .wait_healthy(Duration::from_secs(120))
             .await

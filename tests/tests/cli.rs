@@ -10,6 +10,9 @@ fn ctl(t: &TestLab, args: &[&str], token: bool) -> (i32, String, String) {
         .arg("--agent")
         .arg(t.lab.api_url("n2").unwrap())
         .args(args);
+    if let Some(tls) = &t.lab.tls {
+        c.arg("--ca").arg(&tls.ca);
+    }
     if token {
         c.env("PGWARDEN_TOKEN", &t.lab.token);
     }

@@ -22,16 +22,31 @@ type NodeId = u64;
 pub struct Network {
     pub http: reqwest::Client,
     pub token: String,
+    /// `https` with mutual TLS when `[tls]` is configured, else `http`.
+    pub scheme: &'static str,
 }
 
 impl Network {
-    pub fn new(token: String) -> Network {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .connect_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap_or_default();
-        Network { http, token }
+    pub fn new(
+        token: String,
+        tls: Option<&pgwarden_core::config::TlsSection>,
+    ) -> anyhow::Result<Network> {
+        let timeout = Duration::from_secs(2);
+        let (http, scheme) = match tls {
+            Some(t) => (crate::tls::client(t, timeout)?, "https"),
+            None => (
+                reqwest::Client::builder()
+                    .timeout(timeout)
+                    .connect_timeout(Duration::from_millis(500))
+                    .build()?,
+                "http",
+            ),
+        };
+        Ok(Network {
+            http,
+            token,
+            scheme,
+        })
     }
 }
 
@@ -64,7 +79,7 @@ impl Peer {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let url = format!("http://{}/v1/raft/{path}", self.addr);
+        let url = format!("{}://{}/v1/raft/{path}", self.net.scheme, self.addr);
         let resp = self
             .net
             .http

@@ -47,7 +47,7 @@ impl Consensus {
         .validate()
         .context("raft configuration")?;
         let id = member_id(&cfg.node.name);
-        let net = Network::new(token.to_string());
+        let net = Network::new(token.to_string(), cfg.tls.as_ref())?;
         let raft = Raft::new(id, Arc::new(raft_cfg), net.clone(), log, sm.clone())
             .await
             .context("start raft")?;
@@ -153,7 +153,7 @@ impl Consensus {
         let r = self
             .net
             .http
-            .post(format!("http://{addr}/v1/raft/propose"))
+            .post(format!("{}://{addr}/v1/raft/propose", self.net.scheme))
             .bearer_auth(&self.net.token)
             .json(p)
             .send()
