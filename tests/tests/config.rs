@@ -29,6 +29,14 @@ fn check(name: &str, text: &str) -> (i32, String) {
             "/etc/pgwarden/replication-password",
             &dir.join("pw").to_string_lossy(),
         );
+    // The [tls] files only have to exist for --check-config.
+    let text = [
+        "/etc/pgwarden/ca.pem",
+        "/etc/pgwarden/tls/pg1.pem",
+        "/etc/pgwarden/tls/pg1.key",
+    ]
+    .iter()
+    .fold(text, |t, p| t.replace(p, &dir.join("pw").to_string_lossy()));
     let f = dir.join(name);
     std::fs::write(&f, text).unwrap();
     let (code, out, err) = run(
