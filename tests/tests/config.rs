@@ -39,16 +39,6 @@ fn check(name: &str, text: &str) -> (i32, String) {
     .fold(text, |t, p| t.replace(p, &dir.join("pw").to_string_lossy()));
     let f = dir.join(name);
     std::fs::write(&f, text).unwrap();
-    // A [tls] file that is not there is named with its key (checked after the substitution,
-    // so point one at a path that cannot exist).
-    let text = example().replace("/etc/pgwarden/tls/pg1.key", "/nonexistent/pg1.key");
-    let (code, out) = check("agent.toml", &text);
-    assert_eq!(code, 2, "{out}");
-    assert!(
-        out.contains("tls.key_file") && out.contains("/nonexistent/pg1.key"),
-        "{out}"
-    );
-
     let (code, out, err) = run(
         &agent_bin(),
         &["--config", &f.to_string_lossy(), "--check-config"],
@@ -136,6 +126,16 @@ fn semantic_errors_and_missing_files_are_named() {
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("api.token_file") && out.contains("/nonexistent/token"),
+        "{out}"
+    );
+
+    // A [tls] file that is not there is named with its key (checked after the substitution,
+    // so point one at a path that cannot exist).
+    let text = example().replace("/etc/pgwarden/tls/pg1.key", "/nonexistent/pg1.key");
+    let (code, out) = check("agent.toml", &text);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("tls.key_file") && out.contains("/nonexistent/pg1.key"),
         "{out}"
     );
 
