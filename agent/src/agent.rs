@@ -607,6 +607,7 @@ impl Agent {
             s.lag_bytes = lag;
             s.sync_state = sync_state;
             s.crash_restarts = crash_restarts;
+            s.tags = self.cfg.tags.clone();
             s.agent_version = env!("CARGO_PKG_VERSION").into();
             match sql {
                 Some(st) => {
@@ -678,7 +679,7 @@ impl Agent {
             }
             Action::Clone { from } => {
                 let up = self.member(from)?;
-                self.clone_from(&up).await
+                self.clone_for(&up).await
             }
             Action::Start { standby_of } => {
                 match standby_of {
@@ -778,7 +779,7 @@ impl Agent {
                 self.set_state(PgState::Stopping);
                 self.pg.stop(true).await?;
                 self.move_aside()?;
-                self.clone_from(&up).await
+                self.clone_for(&up).await
             }
         }
     }
@@ -798,16 +799,29 @@ impl Agent {
         Ok(())
     }
 
-    async fn clone_from(&mut self, up: &Member) -> Result<()> {
+    /// Builds this node as a new replica of `up`, taking the base backup from a peer tagged
+    /// `clonefrom` when one runs (see `clone_source`), else from `up`.
+    async fn clone_for(&mut self, up: &Member) -> Result<()> {
+        let peers: Vec<NodeStatus> = self.peers.iter().filter_map(|(_, s)| s.clone()).collect();
+        let source = self.member(&pgwarden_core::decide::clone_source(&up.name, &peers))?;
+        self.clone_from(&source, up).await
+    }
+
+    async fn clone_from(&mut self, source: &Member, up: &Member) -> Result<()> {
         self.set_state(PgState::Cloning);
-        self.shared.events.record(
-            "clone_started",
-            format!("building a replica from {} with pg_basebackup", up.name),
-        );
+        let how = if source.name == up.name {
+            format!("building a replica of {} with pg_basebackup", up.name)
+        } else {
+            format!(
+                "building a replica of {} with pg_basebackup from {} (tagged clonefrom)",
+                up.name, source.name
+            )
+        };
+        self.shared.events.record("clone_started", how);
         let shared = self.shared.clone();
         let mut last = (0, 0);
         self.pg
-            .basebackup(up, |done, total| {
+            .basebackup(source, |done, total| {
                 last = (done, total);
                 shared.update(|s| {
                     s.basebackup = Some(Progress {
@@ -822,7 +836,7 @@ impl Agent {
             "cloned",
             format!(
                 "base backup from {} complete ({} of {} bytes)",
-                up.name, last.0, last.1
+                source.name, last.0, last.1
             ),
         );
         self.pg.write_config(Some(up))?;
@@ -882,7 +896,8 @@ impl Agent {
                     format!("pg_rewind from {} failed: {e:#}; cloning afresh", up.name),
                 );
                 self.move_aside()?;
-                self.clone_from(up).await?;
+                // The diverged node takes a fresh copy of the new primary itself.
+                self.clone_from(up, up).await?;
                 // clone_from started PostgreSQL; stop it so the caller starts it once.
                 self.pg.stop(true).await?;
                 Ok(())

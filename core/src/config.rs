@@ -22,7 +22,53 @@ pub struct AgentConfig {
     pub health: HealthSection,
     /// Mutual TLS for the agent API and the traffic between agents.
     pub tls: Option<TlsSection>,
+    /// This node's tags: how the cluster may use it.
+    #[serde(default)]
+    pub tags: Tags,
     pub postgresql: PostgresSection,
+}
+
+/// Per-node tags, as DBAs know them from Patroni. Published in the node's status so that
+/// peers (and the vote) see them.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Tags {
+    /// Never promote this node.
+    #[serde(default)]
+    pub nofailover: bool,
+    /// Preference in a failover; higher wins, 0 means never. Default 1.
+    pub failover_priority: Option<u32>,
+    /// Never make this node a synchronous standby.
+    #[serde(default)]
+    pub nosync: bool,
+    /// Preference for the synchronous standby set; higher wins, 0 means never. Default 1.
+    pub sync_priority: Option<u32>,
+    /// Take this replica out of read load balancing: `/replica` answers 503.
+    #[serde(default)]
+    pub noloadbalance: bool,
+    /// New replicas prefer this node as their base-backup source.
+    #[serde(default)]
+    pub clonefrom: bool,
+}
+
+impl Tags {
+    /// The effective failover priority (0 when the node must never be promoted).
+    pub fn effective_failover_priority(&self) -> u32 {
+        if self.nofailover {
+            0
+        } else {
+            self.failover_priority.unwrap_or(1)
+        }
+    }
+
+    /// The effective synchronous-standby priority (0 when never).
+    pub fn effective_sync_priority(&self) -> u32 {
+        if self.nosync {
+            0
+        } else {
+            self.sync_priority.unwrap_or(1)
+        }
+    }
 }
 
 /// The node's certificate and the installation's CA (`pgwarden-agent certs init|issue`).
@@ -545,6 +591,23 @@ impl AgentConfig {
                 return Err(at("a parameter must be a string, number or boolean".into()));
             }
         }
+        let t = &self.tags;
+        if t.nofailover && t.failover_priority.is_some_and(|p| p > 0) {
+            return Err(inv(
+                "tags",
+                None,
+                "failover_priority",
+                "conflicts with nofailover = true: a node that must never be promoted has no failover priority".into(),
+            ));
+        }
+        if t.nosync && t.sync_priority.is_some_and(|p| p > 0) {
+            return Err(inv(
+                "tags",
+                None,
+                "sync_priority",
+                "conflicts with nosync = true: a node that is never synchronous has no sync priority".into(),
+            ));
+        }
         for line in &pg.pg_hba {
             if line.contains('\n') || line.trim().is_empty() {
                 return Err(inv(
@@ -799,6 +862,46 @@ shared_buffers = "128MB"
             assert_eq!(e.key.as_deref(), Some(key), "{to}: {e}");
             assert_eq!(e.line, Some(line), "{to}: {e}");
         }
+    }
+
+    #[test]
+    fn tags_default_and_conflicts() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.tags, Tags::default());
+        assert_eq!(c.tags.effective_failover_priority(), 1);
+        assert_eq!(c.tags.effective_sync_priority(), 1);
+        let with = |tags: &str| parse(&format!("{GOOD}\n[tags]\n{tags}\n"));
+        let c = with("failover_priority = 5\nnoloadbalance = true\nclonefrom = true").unwrap();
+        assert_eq!(c.tags.effective_failover_priority(), 5);
+        assert!(c.tags.noloadbalance && c.tags.clonefrom);
+        assert_eq!(
+            with("nofailover = true")
+                .unwrap()
+                .tags
+                .effective_failover_priority(),
+            0
+        );
+        assert_eq!(
+            with("nofailover = true\nfailover_priority = 0")
+                .unwrap()
+                .tags
+                .effective_failover_priority(),
+            0
+        );
+        let e = with("nofailover = true\nfailover_priority = 3").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("tags.failover_priority"), "{e}");
+        assert!(e.line.is_some(), "{e}");
+        let e = with("nosync = true\nsync_priority = 2").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("tags.sync_priority"), "{e}");
+        assert_eq!(
+            with("nosync = true")
+                .unwrap()
+                .tags
+                .effective_sync_priority(),
+            0
+        );
+        let e = with("noloadbalancing = true").unwrap_err();
+        assert!(e.message.contains("noloadbalancing"), "{e}");
     }
 
     #[test]

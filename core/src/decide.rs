@@ -176,6 +176,24 @@ pub fn next_action(intent: &Intent, obs: &Observed, pending: Option<OneShot>) ->
     }
 }
 
+/// Where a new replica of `upstream` takes its base backup from: a running peer tagged
+/// `clonefrom` (the one that replayed the most WAL) when there is one, else the upstream. The
+/// new replica streams from `upstream` either way.
+pub fn clone_source(upstream: &str, peers: &[crate::status::NodeStatus]) -> String {
+    peers
+        .iter()
+        .filter(|p| p.tags.clonefrom && p.state == crate::status::PgState::Running)
+        .filter(|p| p.is_writable_primary() || p.is_streaming())
+        .max_by_key(|p| {
+            (
+                p.wal.replayed.or(p.wal.write),
+                std::cmp::Reverse(p.name.clone()),
+            )
+        })
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| upstream.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +312,46 @@ mod tests {
             next_action(&Intent::replica_of("n1"), &o, None),
             Action::Rejoin { from: "n1".into() }
         );
+    }
+
+    #[test]
+    fn clone_source_prefers_a_running_clonefrom_peer() {
+        use crate::status::{NodeStatus, PgState, WalReceiver};
+        use crate::Lsn;
+        let peer = |name: &str, clonefrom: bool, streaming: bool, replayed: u64| {
+            let mut s = NodeStatus {
+                name: name.into(),
+                role: Role::Replica,
+                state: PgState::Running,
+                wal_receiver: streaming.then(|| WalReceiver {
+                    status: "streaming".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            s.tags.clonefrom = clonefrom;
+            s.wal.replayed = Some(Lsn(replayed));
+            s
+        };
+        assert_eq!(clone_source("n1", &[]), "n1");
+        assert_eq!(clone_source("n1", &[peer("n2", false, true, 9)]), "n1");
+        assert_eq!(clone_source("n1", &[peer("n2", true, true, 9)]), "n2");
+        assert_eq!(
+            clone_source(
+                "n1",
+                &[peer("n2", true, true, 5), peer("n3", true, true, 9)]
+            ),
+            "n3",
+            "the most caught-up clonefrom peer"
+        );
+        assert_eq!(
+            clone_source("n1", &[peer("n2", true, false, 9)]),
+            "n1",
+            "not a replica that does not stream"
+        );
+        let mut down = peer("n2", true, true, 9);
+        down.state = PgState::Stopped;
+        assert_eq!(clone_source("n1", &[down]), "n1");
     }
 
     #[test]

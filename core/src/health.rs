@@ -83,9 +83,14 @@ fn lag_ok(status: &NodeStatus, opts: CheckOptions) -> bool {
 pub fn passes(check: Check, status: &NodeStatus, opts: CheckOptions, clock: Clock) -> bool {
     match check {
         Check::Primary => status.is_writable_primary(),
-        Check::Replica => status.is_streaming() && lag_ok(status, opts),
+        Check::Replica => {
+            status.is_streaming() && !status.tags.noloadbalance && lag_ok(status, opts)
+        }
         Check::ReadOnly => {
-            status.is_writable_primary() || (status.is_running_replica() && lag_ok(status, opts))
+            status.is_writable_primary()
+                || (status.is_running_replica()
+                    && !status.tags.noloadbalance
+                    && lag_ok(status, opts))
         }
         Check::Health => status.state == crate::status::PgState::Running,
         Check::Sync => status.is_streaming() && status.is_sync_standby(),
@@ -241,6 +246,19 @@ mod tests {
             }
         }
         assert!(ok("/primary", &primary().with_postmaster_alive(true)));
+    }
+
+    #[test]
+    fn noloadbalance_takes_a_replica_out_of_read_balancing() {
+        let mut r = replica(Some(0));
+        r.tags.noloadbalance = true;
+        assert!(!ok("/replica", &r));
+        assert!(!ok("/read-only", &r));
+        assert!(ok("/health", &r), "it still runs");
+        assert!(ok("/readiness", &r), "and still replicates");
+        let mut p = primary();
+        p.tags.noloadbalance = true;
+        assert!(ok("/read-only", &p), "the primary always takes reads");
     }
 
     #[test]

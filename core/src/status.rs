@@ -161,6 +161,9 @@ pub struct NodeStatus {
     pub last_error: Option<String>,
     /// What the agent is waiting for before it can act, if anything.
     pub waiting_for: Option<String>,
+    /// This node's tags (from its configuration).
+    #[serde(default)]
+    pub tags: crate::config::Tags,
     /// The replicated log and the lease, as this member sees them.
     pub consensus: Option<Consensus>,
     /// When the agent's loop last completed, in milliseconds since the Unix epoch.

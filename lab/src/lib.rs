@@ -44,6 +44,8 @@ pub struct LabSpec {
     /// Mutual TLS on the agents' API (a lab CA, a certificate per node and one for the
     /// operator).
     pub tls: bool,
+    /// Extra TOML appended to a node's agent configuration, e.g. `("n3", "[tags]\nclonefrom = true")`.
+    pub node_config: Vec<(String, String)>,
 }
 
 impl LabSpec {
@@ -64,6 +66,7 @@ impl LabSpec {
             loop_wait: "1s".into(),
             agent_env: Vec::new(),
             tls: true,
+            node_config: Vec::new(),
         }
     }
 }
@@ -272,7 +275,15 @@ impl Lab {
         for n in &lab.nodes {
             std::fs::create_dir_all(&n.dir)?;
             set_mode(&n.dir, 0o755)?;
-            std::fs::write(&n.config, lab.agent_config(n, spec, &replication_password))?;
+            let mut text = lab.agent_config(n, spec, &replication_password);
+            for (node, extra) in &spec.node_config {
+                if *node == n.name {
+                    text.push('\n');
+                    text.push_str(extra);
+                    text.push('\n');
+                }
+            }
+            std::fs::write(&n.config, text)?;
         }
         let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
         for n in names {

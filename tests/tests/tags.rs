@@ -1,0 +1,74 @@
+//! Per-node tags on a lab: `noloadbalance` takes a replica out of `/replica` (and `/read-only`)
+//! while it keeps replicating; `clonefrom` makes a new replica take its base backup from that
+//! node and then stream from the primary; the tags appear in the status.
+
+use pgwarden_tests::{spec, wait_for, TestLab};
+use reqwest::Method;
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noloadbalance_and_clonefrom() {
+    let mut s = spec(18, 3);
+    s.node_config = vec![
+        ("n2".into(), "[tags]\nnofailover = true".into()),
+        (
+            "n3".into(),
+            "[tags]\nnoloadbalance = true\nclonefrom = true".into(),
+        ),
+    ];
+    let t = TestLab::up(s).await;
+    assert_eq!(t.check("n2", Method::GET, "/replica").await, 200);
+    assert_eq!(t.check("n3", Method::GET, "/replica").await, 503);
+    assert_eq!(t.check("n3", Method::GET, "/read-only").await, 503);
+    assert_eq!(t.check("n3", Method::GET, "/health").await, 200);
+    assert_eq!(t.check("n3", Method::GET, "/readiness").await, 200);
+    let n3 = t.status("n3").await.unwrap();
+    assert!(n3.tags.clonefrom && n3.tags.noloadbalance);
+    assert!(n3.is_streaming(), "it still replicates");
+    assert_eq!(
+        t.status("n2")
+            .await
+            .unwrap()
+            .tags
+            .effective_failover_priority(),
+        0
+    );
+
+    t.exec("n1", "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    wait_for(Duration::from_secs(20), "row on n3", || async {
+        t.sql("n3", "SELECT count(*) FROM t")
+            .await
+            .is_ok_and(|r| r[0].get::<_, i64>(0) == 1)
+    })
+    .await;
+    // n2 is rebuilt: its base backup comes from n3, then it streams from the primary.
+    t.op("n2", "/v1/reinitialize", None).await;
+    t.wait_streaming_from("n1", Duration::from_secs(60)).await;
+    let started = t
+        .events("n2")
+        .into_iter()
+        .filter(|e| e["kind"] == "clone_started")
+        .last()
+        .unwrap();
+    let msg = started["message"].as_str().unwrap();
+    assert!(msg.contains("from n3 (tagged clonefrom)"), "{msg}");
+    let cloned = t
+        .events("n2")
+        .into_iter()
+        .filter(|e| e["kind"] == "cloned")
+        .last()
+        .unwrap();
+    assert!(cloned["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("base backup from n3"));
+    t.exec("n1", "INSERT INTO t VALUES (2)").await.unwrap();
+    wait_for(Duration::from_secs(20), "both rows on n2", || async {
+        t.sql("n2", "SELECT count(*) FROM t")
+            .await
+            .is_ok_and(|r| r[0].get::<_, i64>(0) == 2)
+    })
+    .await;
+}
