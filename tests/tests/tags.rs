@@ -49,16 +49,16 @@ async fn noloadbalance_and_clonefrom() {
     let started = t
         .events("n2")
         .into_iter()
-        .filter(|e| e["kind"] == "clone_started")
-        .last()
+        .rev()
+        .find(|e| e["kind"] == "clone_started")
         .unwrap();
     let msg = started["message"].as_str().unwrap();
     assert!(msg.contains("from n3 (tagged clonefrom)"), "{msg}");
     let cloned = t
         .events("n2")
         .into_iter()
-        .filter(|e| e["kind"] == "cloned")
-        .last()
+        .rev()
+        .find(|e| e["kind"] == "cloned")
         .unwrap();
     assert!(cloned["message"]
         .as_str()
