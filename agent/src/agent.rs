@@ -142,6 +142,8 @@ pub struct Agent {
     note: Option<String>,
     /// Since when a running replica has not been streaming.
     not_streaming_since: Option<Instant>,
+    /// Whether each peer's agent answered at the last poll (None before the first).
+    peer_reachable: Vec<Option<bool>>,
 }
 
 /// How long an API operation waits on a condition it cannot change (e.g. an unreachable
@@ -162,7 +164,9 @@ impl Agent {
             ))
             .build()
             .context("build HTTP client")?;
-        let peers = cfg.peers().map(|m| (m.clone(), None)).collect();
+        let peers: Vec<(Member, Option<NodeStatus>)> =
+            cfg.peers().map(|m| (m.clone(), None)).collect();
+        let peer_reachable = vec![None; peers.len()];
         let agent = Agent {
             shared,
             cfg,
@@ -177,6 +181,7 @@ impl Agent {
             state_override: None,
             note: None,
             not_streaming_since: None,
+            peer_reachable,
         };
         agent.save_intent()?;
         Ok(agent)
@@ -405,6 +410,26 @@ impl Agent {
             });
         }
         while let Some(Ok((i, st))) = set.join_next().await {
+            let (was, now) = (self.peer_reachable[i], st.is_some());
+            if was != Some(now) {
+                let name = &self.peers[i].0.name;
+                match (was, now) {
+                    (Some(true), false) | (None, false) => {
+                        tracing::warn!(peer = %name, "peer unreachable");
+                        self.shared.events.record(
+                            "peer_unreachable",
+                            format!("{name}'s agent does not answer"),
+                        );
+                    }
+                    (Some(false), true) => {
+                        self.shared
+                            .events
+                            .record("peer_reachable", format!("{name}'s agent answers again"));
+                    }
+                    _ => {}
+                }
+                self.peer_reachable[i] = Some(now);
+            }
             self.peers[i].1 = st;
         }
         if let Ok(mut p) = self.shared.peers.write() {

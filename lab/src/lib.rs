@@ -449,10 +449,7 @@ log_line_prefix = "%m [%p] %q%a "
         cmd.envs(self.agent_env.iter().cloned());
         cmd.arg("--config")
             .arg(&n.config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

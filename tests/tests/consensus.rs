@@ -70,8 +70,31 @@ async fn the_agents_form_one_group_that_survives_its_leader() {
     // Still committing with two of three.
     t.op(rest[0], "/v1/resume", None).await;
 
+    // The survivors recorded once that it stopped answering.
+    wait_for(
+        Duration::from_secs(10),
+        "a peer_unreachable event",
+        || async {
+            t.events(rest[0]).iter().any(|e| {
+                e["kind"] == "peer_unreachable"
+                    && e["message"].as_str().unwrap_or("").starts_with(&leader)
+            })
+        },
+    )
+    .await;
+
     // The old leader comes back, catches up from its log and the new leader.
     t.lab.fault(Fault::StartNode, &leader).unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "a peer_reachable event",
+        || async {
+            t.events(rest[0])
+                .iter()
+                .any(|e| e["kind"] == "peer_reachable")
+        },
+    )
+    .await;
     let (l, _) = agreed_leader(&t, &all).await;
     assert!(all.contains(&l.as_str()));
     wait_for(
