@@ -454,6 +454,7 @@ impl Agent {
         }
         self.poll_peers().await;
         self.publish_pid();
+        self.apply_dynamic_config().await;
         let data_dir = self.pg.data_dir_state();
         let mut sql: Option<SqlStatus> = None;
         let postmaster = if self.pg.is_running() {
@@ -663,6 +664,40 @@ impl Agent {
                 }
             }
         });
+    }
+
+    /// Applies a new version of the cluster's dynamic configuration from the replicated log:
+    /// rewrite the configuration files and reload. Parameters that need a restart show up as
+    /// `pending_restart` in the status.
+    async fn apply_dynamic_config(&mut self) {
+        let cfg = self.shared.consensus.sm.state().config;
+        if cfg.version == self.pg.dynamic.version {
+            return;
+        }
+        let version = cfg.version;
+        self.pg.dynamic = cfg;
+        if !matches!(self.pg.data_dir_state(), DataDir::Valid { .. }) {
+            return; // written when PostgreSQL is set up
+        }
+        let res = match self.pg.write_conf_files() {
+            Ok(()) if self.pg.is_running() => self.pg.reload().await.map(|()| "reloaded"),
+            Ok(()) => Ok("written; PostgreSQL is not running"),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(how) => self.shared.events.record(
+                "config_applied",
+                format!("applied configuration version {version} ({how})"),
+            ),
+            Err(e) => {
+                self.shared.events.record(
+                    "action_failed",
+                    format!("apply configuration version {version}: {e:#}"),
+                );
+                // Try again on the next loop.
+                self.pg.dynamic.version = version.saturating_sub(1);
+            }
+        }
     }
 
     fn publish_pid(&mut self) {

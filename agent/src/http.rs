@@ -97,6 +97,7 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/follow", post(follow))
         .route("/v1/restart", post(restart))
         .route("/v1/reinitialize", post(reinitialize))
+        .route("/v1/config", get(get_config).patch(patch_config))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
         .merge(
@@ -303,6 +304,51 @@ async fn set_paused(s: Arc<Shared>, paused: bool) -> Response {
             problem(Problem::new(409, "Operation refused", e.to_string()))
         }
         Err(e) => problem(Problem::new(503, "No quorum", format!("{name}: {e:#}"))),
+    }
+}
+
+/// `GET /v1/config`: the cluster's dynamic configuration and its history.
+async fn get_config(State(s): State<Arc<Shared>>) -> Response {
+    let st = s.consensus.sm.state();
+    Json(serde_json::json!({
+        "config": st.config,
+        "history": st.config_history,
+    }))
+    .into_response()
+}
+
+/// `PATCH /v1/config`: validated here, committed to the replicated log, applied by every node.
+async fn patch_config(
+    State(s): State<Arc<Shared>>,
+    ApiJson(patch): ApiJson<pgwarden_core::dynconfig::ConfigPatch>,
+) -> Response {
+    let current = s.consensus.sm.state().config;
+    if let Err(e) = pgwarden_core::dynconfig::apply_patch(&current, &patch) {
+        let mut p = Problem::new(422, "Invalid configuration", e.message.clone());
+        p.field = Some(e.field);
+        return problem(p);
+    }
+    let proposal = Proposal::SetConfig {
+        patch,
+        by: format!("api via {}", s.cfg.node.name),
+        now_ms: now_ms(),
+    };
+    match s.consensus.propose(proposal).await {
+        Ok(crate::raft::Applied(Ok(()))) => {
+            let st = s.consensus.sm.state();
+            s.events.record(
+                "config_changed",
+                format!("configuration version {} committed", st.config.version),
+            );
+            Json(serde_json::json!({"config": st.config})).into_response()
+        }
+        Ok(crate::raft::Applied(Err(pgwarden_core::lease::Rejected::BadConfig(e)))) => {
+            let mut p = Problem::new(422, "Invalid configuration", e.message.clone());
+            p.field = Some(e.field);
+            problem(p)
+        }
+        Ok(crate::raft::Applied(Err(e))) => problem(Problem::new(409, "Refused", e.to_string())),
+        Err(e) => problem(Problem::new(503, "No quorum", format!("{e:#}"))),
     }
 }
 

@@ -50,6 +50,8 @@ pub struct Pg {
     pub superuser_pw: String,
     pub replication_pw: String,
     pub major: u32,
+    /// The cluster's dynamic configuration, as last applied from the replicated log.
+    pub dynamic: pgwarden_core::dynconfig::DynamicConfig,
     handle: Option<Handle>,
     client: Option<Client>,
     /// Set by `stop`, so that an exit the agent caused is not reported as a crash.
@@ -92,6 +94,7 @@ impl Pg {
             superuser_pw,
             replication_pw,
             major,
+            dynamic: Default::default(),
             handle: None,
             client: None,
             stopping: false,
@@ -265,13 +268,7 @@ impl Pg {
     /// upstream in postgresql.auto.conf. Starting as a primary never removes standby.signal:
     /// leaving recovery is always an explicit promotion.
     pub fn write_config(&self, standby_of: Option<&Member>) -> Result<()> {
-        let conf = pgtext::render_postgresql_conf(&self.cfg, self.major);
-        let hba = pgtext::render_pg_hba(&self.cfg);
-        for (name, text) in [("postgresql.conf", conf), ("pg_hba.conf", hba)] {
-            let p = self.data.join(name);
-            sys::write_atomic(&p, &text)?;
-            sys::set_owner_mode(&p, self.owner, 0o600)?;
-        }
+        self.write_conf_files()?;
         if let Some(up) = standby_of {
             self.write_upstream(Some(up))?;
             let sig = self.data.join("standby.signal");
@@ -279,6 +276,27 @@ impl Pg {
             sys::set_owner_mode(&sig, self.owner, 0o600)?;
         }
         Ok(())
+    }
+
+    /// Writes the generated `postgresql.conf` and `pg_hba.conf` (node file plus the cluster's
+    /// dynamic configuration).
+    pub fn write_conf_files(&self) -> Result<()> {
+        let conf = pgtext::render_postgresql_conf(&self.cfg, self.major, &self.dynamic);
+        let hba = pgtext::render_pg_hba(&self.cfg, &self.dynamic);
+        for (name, text) in [("postgresql.conf", conf), ("pg_hba.conf", hba)] {
+            let p = self.data.join(name);
+            sys::write_atomic(&p, &text)?;
+            sys::set_owner_mode(&p, self.owner, 0o600)?;
+        }
+        Ok(())
+    }
+
+    /// Asks the running PostgreSQL to reload its configuration files.
+    pub async fn reload(&mut self) -> Result<()> {
+        let c = self.connect().await?;
+        c.batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("pg_reload_conf")
     }
 
     /// Sets (or clears) primary_conninfo and primary_slot_name in postgresql.auto.conf.

@@ -573,12 +573,7 @@ impl AgentConfig {
                     "{name} is set by pgwarden for each node and cannot be configured here"
                 )));
             }
-            if !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
-            {
-                return Err(at(format!("{name:?} is not a parameter name")));
-            }
+            check_param_name(name).map_err(at)?;
             if name == "wal_level" {
                 let ok = matches!(value.as_str(), Some("replica") | Some("logical"));
                 if !ok {
@@ -686,6 +681,19 @@ pub fn check_name(name: &str) -> Result<(), String> {
         Err(format!(
             "{name:?} is not a valid name: use 1-63 letters, digits, '_' or '-', starting with a letter"
         ))
+    }
+}
+
+/// A PostgreSQL parameter name: letters, digits, `_` and `.` (for extensions' settings).
+pub fn check_param_name(name: &str) -> Result<(), String> {
+    if !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a parameter name"))
     }
 }
 

@@ -16,6 +16,7 @@
 //! 3. Every lease has an epoch; `Renew`/`Release` of an older epoch are refused, and every
 //!    action the agent takes carries the epoch it holds.
 
+use crate::dynconfig::{apply_patch, ConfigChange, ConfigPatch, DynamicConfig, PatchError};
 use crate::lsn::Lsn;
 use serde::{Deserialize, Serialize};
 
@@ -32,15 +33,25 @@ pub struct Lease {
     pub released: bool,
 }
 
-/// The replicated part of the cluster's state that the lease rules touch.
+/// The cluster's replicated state: the lease, the maintenance flag, the dynamic configuration
+/// and their histories.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseState {
+pub struct ClusterState {
     pub lease: Option<Lease>,
     /// Maintenance mode: no automatic acquisition.
     pub paused: bool,
     /// Every change of holder, oldest first.
     pub history: Vec<HolderChange>,
+    /// PostgreSQL parameters and pg_hba lines shared by every node.
+    #[serde(default)]
+    pub config: DynamicConfig,
+    /// The last `CONFIG_HISTORY` configuration changes, oldest first.
+    #[serde(default)]
+    pub config_history: Vec<ConfigChange>,
 }
+
+/// How many configuration changes the history keeps.
+pub const CONFIG_HISTORY: usize = 200;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HolderChange {
@@ -79,6 +90,12 @@ pub enum Proposal {
     },
     Pause,
     Resume,
+    /// Change the dynamic configuration (validated again when applied).
+    SetConfig {
+        patch: ConfigPatch,
+        by: String,
+        now_ms: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -97,9 +114,11 @@ pub enum Rejected {
     Expired { expires_at_ms: u64 },
     #[error("the cluster is paused (maintenance mode)")]
     Paused,
+    #[error("invalid configuration: {0}")]
+    BadConfig(PatchError),
 }
 
-impl LeaseState {
+impl ClusterState {
     pub fn epoch(&self) -> u64 {
         self.lease.as_ref().map_or(0, |l| l.epoch)
     }
@@ -194,6 +213,22 @@ impl LeaseState {
                 self.paused = false;
                 Ok(())
             }
+            Proposal::SetConfig { patch, by, now_ms } => {
+                let (next, changes) =
+                    apply_patch(&self.config, patch).map_err(Rejected::BadConfig)?;
+                if !changes.is_empty() {
+                    self.config = next;
+                    self.config_history.push(ConfigChange {
+                        version: self.config.version,
+                        at_ms: *now_ms,
+                        by: by.clone(),
+                        changes,
+                    });
+                    let excess = self.config_history.len().saturating_sub(CONFIG_HISTORY);
+                    self.config_history.drain(..excess);
+                }
+                Ok(())
+            }
         }
     }
 
@@ -247,7 +282,7 @@ mod tests {
 
     #[test]
     fn acquire_renew_expire() {
-        let mut s = LeaseState::default();
+        let mut s = ClusterState::default();
         s.apply(&acquire("a", 1, 0), 100).unwrap();
         assert_eq!(s.lease.as_ref().unwrap().expires_at_ms, 1000);
         // Held: another node cannot take it before expiry + drift.
@@ -280,7 +315,7 @@ mod tests {
 
     #[test]
     fn stale_and_foreign_proposals_are_refused() {
-        let mut s = LeaseState::default();
+        let mut s = ClusterState::default();
         assert!(matches!(
             s.apply(&acquire("a", 2, 0), 0),
             Err(Rejected::StaleEpoch { .. })
@@ -302,7 +337,7 @@ mod tests {
 
     #[test]
     fn release_frees_the_lease_at_once() {
-        let mut s = LeaseState::default();
+        let mut s = ClusterState::default();
         s.apply(&acquire("a", 1, 0), 500).unwrap();
         s.apply(
             &Proposal::Release {
@@ -319,7 +354,7 @@ mod tests {
 
     #[test]
     fn pause_blocks_automatic_acquisition_only() {
-        let mut s = LeaseState::default();
+        let mut s = ClusterState::default();
         s.apply(&Proposal::Pause, 0).unwrap();
         assert_eq!(s.apply(&acquire("a", 1, 0), 0), Err(Rejected::Paused));
         let manual = Proposal::Acquire {
@@ -335,6 +370,38 @@ mod tests {
         s.apply(&renew("a", 1, 10), 0).unwrap();
         s.apply(&Proposal::Resume, 0).unwrap();
         assert!(!s.paused);
+    }
+
+    #[test]
+    fn config_changes_are_validated_and_kept_in_history() {
+        let mut s = ClusterState::default();
+        let set = |v: serde_json::Value| Proposal::SetConfig {
+            patch: serde_json::from_value(v).unwrap(),
+            by: "alice".into(),
+            now_ms: 42,
+        };
+        s.apply(
+            &set(serde_json::json!({"parameters": {"work_mem": "8MB"}})),
+            0,
+        )
+        .unwrap();
+        assert_eq!(s.config.version, 1);
+        assert_eq!(s.config_history[0].by, "alice");
+        assert_eq!(s.config_history[0].changes[0].name, "work_mem");
+        let e = s
+            .apply(&set(serde_json::json!({"parameters": {"port": 1}})), 0)
+            .unwrap_err();
+        assert!(
+            matches!(e, Rejected::BadConfig(ref p) if p.field == "parameters.port"),
+            "{e:?}"
+        );
+        assert_eq!(s.config.version, 1, "a refused change changes nothing");
+        s.apply(
+            &set(serde_json::json!({"parameters": {"work_mem": "8MB"}})),
+            0,
+        )
+        .unwrap();
+        assert_eq!(s.config_history.len(), 1, "a no-op leaves no history");
     }
 
     #[test]

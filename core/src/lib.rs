@@ -6,6 +6,7 @@ pub mod candidate;
 pub mod config;
 pub mod decide;
 pub mod duration;
+pub mod dynconfig;
 pub mod event;
 pub mod health;
 pub mod lease;

@@ -352,7 +352,11 @@ pub fn conf_value(v: &toml::Value) -> String {
 /// The `postgresql.conf` the agent writes into the data directory before every start. Per-node
 /// settings (port, addresses, socket, cluster name) are passed on the command line instead,
 /// because pg_basebackup and pg_rewind copy this file between nodes.
-pub fn render_postgresql_conf(cfg: &AgentConfig, major: u32) -> String {
+pub fn render_postgresql_conf(
+    cfg: &AgentConfig,
+    major: u32,
+    dynamic: &crate::dynconfig::DynamicConfig,
+) -> String {
     let mut params: BTreeMap<String, String> = BTreeMap::new();
     let n = cfg.cluster.members.len();
     let defaults: [(&str, String); 9] = [
@@ -377,6 +381,10 @@ pub fn render_postgresql_conf(cfg: &AgentConfig, major: u32) -> String {
     for (k, v) in &cfg.postgresql.parameters {
         params.insert(k.clone(), conf_value(v));
     }
+    // The cluster's dynamic configuration overrides the node file's defaults.
+    for (k, v) in &dynamic.parameters {
+        params.insert(k.clone(), v.clone());
+    }
     params.insert("hot_standby".into(), "on".into());
     let mut out = String::from(
         "# Written by pgwarden-agent before every start; edits here are overwritten.\n\
@@ -390,7 +398,7 @@ pub fn render_postgresql_conf(cfg: &AgentConfig, major: u32) -> String {
 
 /// The `pg_hba.conf` the agent writes: local and loopback access with passwords, replication
 /// and superuser access from every member, then the configured extra lines.
-pub fn render_pg_hba(cfg: &AgentConfig) -> String {
+pub fn render_pg_hba(cfg: &AgentConfig, dynamic: &crate::dynconfig::DynamicConfig) -> String {
     let pg = &cfg.postgresql;
     let mut out = String::from(
         "# Written by pgwarden-agent before every start; edits here are overwritten.\n\
@@ -412,7 +420,7 @@ pub fn render_pg_hba(cfg: &AgentConfig) -> String {
             pg.superuser, addr
         ));
     }
-    for l in &pg.pg_hba {
+    for l in pg.pg_hba.iter().chain(&dynamic.pg_hba) {
         out.push_str(l);
         out.push('\n');
     }
@@ -652,15 +660,27 @@ shared_buffers = "64MB"
     #[test]
     fn generated_files() {
         let c = cfg();
-        let conf = render_postgresql_conf(&c, 15);
+        let mut dynamic = crate::dynconfig::DynamicConfig::default();
+        dynamic
+            .parameters
+            .insert("max_connections".into(), "70".into());
+        dynamic
+            .pg_hba
+            .push("host all all 10.1.0.0/16 scram-sha-256".into());
+        let conf = render_postgresql_conf(&c, 15, &crate::dynconfig::DynamicConfig::default());
         assert!(conf.contains("max_connections = 50\n"));
         assert!(conf.contains("log_connections = on\n"));
         assert!(conf.contains("shared_buffers = '64MB'\n"));
         assert!(conf.contains("wal_log_hints = on\n"));
         assert!(conf.contains("hot_standby = on\n"));
         assert!(conf.contains("wal_keep_size"));
-        assert!(render_postgresql_conf(&c, 12).contains("wal_keep_segments"));
-        let hba = render_pg_hba(&c);
+        assert!(render_postgresql_conf(&c, 12, &dynamic).contains("wal_keep_segments"));
+        assert!(
+            render_postgresql_conf(&c, 15, &dynamic).contains("max_connections = 70\n"),
+            "the dynamic configuration overrides the node file"
+        );
+        assert!(render_pg_hba(&c, &dynamic).ends_with("host all all 10.1.0.0/16 scram-sha-256\n"));
+        let hba = render_pg_hba(&c, &crate::dynconfig::DynamicConfig::default());
         assert!(
             hba.contains("replication     replicator      10.0.0.11/32"),
             "{hba}"

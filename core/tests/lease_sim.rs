@@ -7,7 +7,7 @@
 //! reaches a majority, commits after a delay, in one global order, and its acknowledgement may
 //! be lost. A failing seed is printed and can be replayed with `LEASE_SIM_SEED=<seed>`.
 
-use pgwarden_core::lease::{holder_deadline, LeaseState, Proposal};
+use pgwarden_core::lease::{holder_deadline, ClusterState, Proposal};
 
 /// splitmix64: small, seedable, good enough for schedules.
 struct Rng(u64);
@@ -70,7 +70,7 @@ struct Node {
     up: bool,
     wall_offset: i64,
     mono_offset: u64,
-    view: LeaseState,
+    view: ClusterState,
     /// (epoch, deadline on the node's monotonic clock)
     holding: Option<(u64, u64)>,
     next_loop: u64,
@@ -91,12 +91,12 @@ fn run(seed: u64, s: Settings) -> Result<usize, String> {
             up: true,
             wall_offset: rng.below(s.real_skew_ms + 1) as i64 - (s.real_skew_ms / 2) as i64,
             mono_offset: rng.below(1_000_000),
-            view: LeaseState::default(),
+            view: ClusterState::default(),
             holding: None,
             next_loop: 0,
         })
         .collect();
-    let mut log = LeaseState::default();
+    let mut log = ClusterState::default();
     let mut inflight: Vec<InFlight> = Vec::new();
     // isolated[i] until real time; down[i] until real time.
     let mut isolated_until = vec![0u64; s.nodes];
@@ -122,7 +122,7 @@ fn run(seed: u64, s: Settings) -> Result<usize, String> {
                 n.holding = None;
             } else if !n.up && should_be_up {
                 n.up = true;
-                n.view = LeaseState::default();
+                n.view = ClusterState::default();
                 n.next_loop = t;
             }
         }

@@ -1,5 +1,5 @@
 //! The agents' replicated log, on openraft. The log carries `pgwarden_core::lease::Proposal`s;
-//! the state machine applies them with `LeaseState::apply`, so every member holds the same
+//! the state machine applies them with `ClusterState::apply`, so every member holds the same
 //! lease, maintenance flag and history. `store` is the durable storage, `network` the RPCs
 //! between agents, `node` this agent's member. Who is primary is not decided by the lease yet:
 //! that wiring comes with the rest of the voting work.

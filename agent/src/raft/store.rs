@@ -15,7 +15,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership, Vote,
 };
-use pgwarden_core::lease::LeaseState;
+use pgwarden_core::lease::ClusterState;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -236,7 +236,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 pub struct SmData {
     pub last_applied: Option<LogId<NodeId>>,
     pub last_membership: StoredMembership<NodeId, BasicNode>,
-    pub state: LeaseState,
+    pub state: ClusterState,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -286,7 +286,7 @@ impl StateMachine {
     }
 
     /// The replicated state as this member has applied it.
-    pub fn state(&self) -> LeaseState {
+    pub fn state(&self) -> ClusterState {
         self.inner
             .lock()
             .map(|g| g.data.state.clone())

@@ -1,0 +1,231 @@
+//! The cluster's dynamic configuration: PostgreSQL parameters and `pg_hba.conf` lines that live
+//! in the agents' replicated log, so one change reaches every node. Changes arrive as a patch,
+//! are validated before they are committed (a bad value names its field), and are kept in a
+//! history of who changed what, when.
+
+use crate::config::{check_param_name, MANAGED_PARAMETERS};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// A parameter value as written in `postgresql.conf` (already quoted when needed).
+pub type ConfValue = String;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DynamicConfig {
+    /// Bumped by every committed change.
+    pub version: u64,
+    pub parameters: BTreeMap<String, ConfValue>,
+    /// Extra `pg_hba.conf` lines, after the agent's own and the node file's.
+    pub pg_hba: Vec<String>,
+}
+
+/// `PATCH /v1/config`: parameters to set (a JSON string, number or boolean) or remove (`null`),
+/// and optionally the whole list of extra `pg_hba` lines.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigPatch {
+    #[serde(default)]
+    pub parameters: BTreeMap<String, Option<serde_json::Value>>,
+    pub pg_hba: Option<Vec<String>>,
+}
+
+/// One changed setting: `None` on a side means absent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub name: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigChange {
+    pub version: u64,
+    pub at_ms: u64,
+    pub by: String,
+    pub changes: Vec<Change>,
+}
+
+/// A patch refused: the JSON field at fault and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[error("{field}: {message}")]
+pub struct PatchError {
+    pub field: String,
+    pub message: String,
+}
+
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// Renders a JSON value for `postgresql.conf`.
+fn conf_value(field: &str, v: &serde_json::Value) -> Result<ConfValue, PatchError> {
+    match v {
+        serde_json::Value::String(s) => {
+            if s.contains('\n') {
+                return Err(PatchError {
+                    field: field.into(),
+                    message: "a value may not contain a line break".into(),
+                });
+            }
+            Ok(quote(s))
+        }
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        serde_json::Value::Bool(b) => Ok(if *b { "on" } else { "off" }.into()),
+        _ => Err(PatchError {
+            field: field.into(),
+            message: "must be a string, a number, a boolean, or null to remove it".into(),
+        }),
+    }
+}
+
+/// Validates a patch against the rules every node applies; returns the resulting
+/// configuration and what changed. Nothing is committed when this fails.
+pub fn apply_patch(
+    current: &DynamicConfig,
+    patch: &ConfigPatch,
+) -> Result<(DynamicConfig, Vec<Change>), PatchError> {
+    let mut next = current.clone();
+    let mut changes = Vec::new();
+    for (name, value) in &patch.parameters {
+        let field = format!("parameters.{name}");
+        let err = |m: String| PatchError {
+            field: field.clone(),
+            message: m,
+        };
+        check_param_name(name).map_err(err)?;
+        if MANAGED_PARAMETERS.contains(&name.as_str()) {
+            return Err(err(format!(
+                "{name} is set by pgwarden for each node and cannot be configured"
+            )));
+        }
+        let new = match value {
+            None => None,
+            Some(v) => Some(conf_value(&field, v)?),
+        };
+        if name == "wal_level" && !matches!(new.as_deref(), Some("'replica'") | Some("'logical'")) {
+            return Err(err(
+                "wal_level must be replica or logical for replication".into()
+            ));
+        }
+        let old = match &new {
+            Some(v) => next.parameters.insert(name.clone(), v.clone()),
+            None => next.parameters.remove(name),
+        };
+        if old != new {
+            changes.push(Change {
+                name: name.clone(),
+                old,
+                new,
+            });
+        }
+    }
+    if let Some(lines) = &patch.pg_hba {
+        for (i, l) in lines.iter().enumerate() {
+            if l.contains('\n') || l.trim().is_empty() || l.trim_start().starts_with('#') {
+                return Err(PatchError {
+                    field: format!("pg_hba[{i}]"),
+                    message: format!("{l:?} is not one pg_hba.conf rule"),
+                });
+            }
+        }
+        if *lines != next.pg_hba {
+            changes.push(Change {
+                name: "pg_hba".into(),
+                old: Some(next.pg_hba.join("\n")),
+                new: Some(lines.join("\n")),
+            });
+            next.pg_hba = lines.clone();
+        }
+    }
+    if !changes.is_empty() {
+        next.version = current.version + 1;
+    }
+    Ok((next, changes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn patch(v: serde_json::Value) -> ConfigPatch {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn sets_changes_and_removes_parameters() {
+        let c0 = DynamicConfig::default();
+        let (c1, ch) = apply_patch(&c0, &patch(json!({"parameters": {"work_mem": "8MB", "max_connections": 200, "log_connections": true}}))).unwrap();
+        assert_eq!(c1.version, 1);
+        assert_eq!(c1.parameters["work_mem"], "'8MB'");
+        assert_eq!(c1.parameters["max_connections"], "200");
+        assert_eq!(c1.parameters["log_connections"], "on");
+        assert_eq!(ch.len(), 3);
+        let (c2, ch) = apply_patch(
+            &c1,
+            &patch(json!({"parameters": {"work_mem": null, "max_connections": 200}})),
+        )
+        .unwrap();
+        assert_eq!(c2.version, 2);
+        assert!(!c2.parameters.contains_key("work_mem"));
+        assert_eq!(
+            ch,
+            vec![Change {
+                name: "work_mem".into(),
+                old: Some("'8MB'".into()),
+                new: None
+            }]
+        );
+        let (c3, ch) =
+            apply_patch(&c2, &patch(json!({"parameters": {"max_connections": 200}}))).unwrap();
+        assert!(ch.is_empty());
+        assert_eq!(c3.version, 2, "a no-op does not bump the version");
+    }
+
+    #[test]
+    fn bad_patches_name_the_field() {
+        let c = DynamicConfig::default();
+        let e = apply_patch(&c, &patch(json!({"parameters": {"port": 5433}}))).unwrap_err();
+        assert_eq!(e.field, "parameters.port");
+        let e = apply_patch(&c, &patch(json!({"parameters": {"work mem": "1MB"}}))).unwrap_err();
+        assert_eq!(e.field, "parameters.work mem");
+        let e = apply_patch(&c, &patch(json!({"parameters": {"work_mem": ["1MB"]}}))).unwrap_err();
+        assert_eq!(e.field, "parameters.work_mem");
+        let e =
+            apply_patch(&c, &patch(json!({"parameters": {"wal_level": "minimal"}}))).unwrap_err();
+        assert_eq!(e.field, "parameters.wal_level");
+        let e =
+            apply_patch(&c, &patch(json!({"parameters": {"search_path": "a\nb"}}))).unwrap_err();
+        assert_eq!(e.field, "parameters.search_path");
+        let e = apply_patch(
+            &c,
+            &patch(json!({"pg_hba": ["host all all 10.0.0.0/8 scram-sha-256", ""]})),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "pg_hba[1]");
+        assert!(serde_json::from_value::<ConfigPatch>(json!({"paramters": {}})).is_err());
+    }
+
+    #[test]
+    fn pg_hba_replaced_as_a_whole() {
+        let c = DynamicConfig::default();
+        let (c1, ch) = apply_patch(
+            &c,
+            &patch(json!({"pg_hba": ["host all all 10.0.0.0/8 scram-sha-256"]})),
+        )
+        .unwrap();
+        assert_eq!(c1.pg_hba.len(), 1);
+        assert_eq!(ch[0].name, "pg_hba");
+        assert_eq!(c1.version, 1);
+    }
+
+    #[test]
+    fn values_are_quoted_for_postgresql_conf() {
+        let (c, _) = apply_patch(
+            &DynamicConfig::default(),
+            &patch(json!({"parameters": {"application_name": "it's"}})),
+        )
+        .unwrap();
+        assert_eq!(c.parameters["application_name"], "'it''s'");
+    }
+}
