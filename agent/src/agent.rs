@@ -103,6 +103,7 @@ impl Shared {
                 name: m.name.clone(),
                 host: m.host.clone(),
                 pg_port: m.pg_port,
+                api_port: m.api_port,
                 status: if m.name == self.cfg.node.name {
                     Some(me.clone())
                 } else {

@@ -123,6 +123,7 @@ mod tests {
             name: name.into(),
             host: format!("10.0.0.{}", &name[1..]),
             pg_port: 5432,
+            api_port: 8443,
             status,
         }
     }

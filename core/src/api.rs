@@ -69,6 +69,8 @@ pub struct MemberView {
     pub name: String,
     pub host: String,
     pub pg_port: u16,
+    #[serde(default)]
+    pub api_port: u16,
     /// `None` when the member's agent did not answer.
     pub status: Option<NodeStatus>,
 }

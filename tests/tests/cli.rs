@@ -2,10 +2,26 @@
 //! `--json` gives the same data; a missing token is a clear error.
 
 use pgwarden_lab::Fault;
-use pgwarden_tests::{spec, workspace_bin, TestLab};
+use pgwarden_tests::{spec, wait_for, workspace_bin, TestLab};
+use std::time::Duration;
 
 fn ctl(t: &TestLab, args: &[&str], token: bool) -> (i32, String, String) {
+    ctl_with(t, args, token, &[], "")
+}
+
+fn ctl_with(
+    t: &TestLab,
+    args: &[&str],
+    token: bool,
+    env: &[(&str, &str)],
+    stdin: &str,
+) -> (i32, String, String) {
+    use std::io::Write;
     let mut c = std::process::Command::new(workspace_bin("pgwardenctl"));
+    c.envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
     c.env_remove("PGWARDEN_TOKEN")
         .arg("--agent")
         .arg(t.lab.api_url("n2").unwrap())
@@ -16,7 +32,14 @@ fn ctl(t: &TestLab, args: &[&str], token: bool) -> (i32, String, String) {
     if token {
         c.env("PGWARDEN_TOKEN", &t.lab.token);
     }
-    let out = c.output().unwrap();
+    let mut child = c.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -76,4 +99,107 @@ async fn list_shows_every_member() {
     let (code, _, err) = ctl(&t, &["list"], false);
     assert_eq!(code, 1);
     assert!(err.contains("token"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_edit_config_and_restart_pending() {
+    let t = TestLab::up(spec(20, 3)).await;
+    let all = ["n1", "n2", "n3"];
+
+    let (code, out, err) = ctl(&t, &["pause"], true);
+    assert_eq!(code, 0, "{out}{err}");
+    for n in all {
+        wait_for(Duration::from_secs(10), &format!("{n} paused"), || async {
+            t.status(n)
+                .await
+                .and_then(|s| s.consensus)
+                .is_some_and(|c| c.paused)
+        })
+        .await;
+    }
+    let (_, out, _) = ctl(&t, &["list"], true);
+    assert!(out.contains("Maintenance mode: on"), "{out}");
+    assert_eq!(ctl(&t, &["resume"], true).0, 0);
+
+    let (code, out, _) = ctl(&t, &["show-config"], true);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("version 0") && out.contains("[parameters]"),
+        "{out}"
+    );
+
+    // Declined: nothing changes.
+    let add = |line: &str| format!("sed -i 's/^\\[parameters\\]$/[parameters]\\n{line}/'");
+    let editor = add("work_mem = \"9MB\"");
+    let (code, out, _) = ctl_with(&t, &["edit-config"], true, &[("EDITOR", &editor)], "n\n");
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("+work_mem = \"9MB\"") && out.contains("not applied"),
+        "{out}"
+    );
+    let (_, out, _) = ctl(&t, &["show-config"], true);
+    assert!(out.contains("version 0"), "{out}");
+
+    // Accepted: every node gets it.
+    let (code, out, err) = ctl_with(&t, &["edit-config"], true, &[("EDITOR", &editor)], "y\n");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("version 1 applied"), "{out}");
+    for n in all {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("work_mem on {n}"),
+            || async {
+                t.sql(n, "SHOW work_mem")
+                    .await
+                    .is_ok_and(|r| r[0].get::<_, String>(0) == "9MB")
+            },
+        )
+        .await;
+    }
+
+    // A restart-only change, then restart --pending restarts exactly the members that need it.
+    let editor = add("max_connections = 45");
+    let (code, _, err) = ctl_with(
+        &t,
+        &["edit-config", "--force"],
+        true,
+        &[("EDITOR", &editor)],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    for n in all {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("pending on {n}"),
+            || async { t.status(n).await.is_some_and(|s| s.pending_restart) },
+        )
+        .await;
+    }
+    // Let the answering agent's view of its peers catch up (one loop).
+    wait_for(
+        Duration::from_secs(10),
+        "the view shows three pending",
+        || async {
+            let (_, out, _) = ctl(&t, &["list", "--json"], true);
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            v["members"].as_array().is_some_and(|m| {
+                m.iter()
+                    .filter(|m| m["status"]["pending_restart"] == true)
+                    .count()
+                    == 3
+            })
+        },
+    )
+    .await;
+    let (code, out, err) = ctl(&t, &["restart", "--pending"], true);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("restarted n1, n2, n3"), "{out}");
+    for n in all {
+        assert!(!t.status(n).await.unwrap().pending_restart, "{n}");
+        let v: String = t.sql(n, "SHOW max_connections").await.unwrap()[0].get(0);
+        assert_eq!(v, "45");
+    }
+    let (code, _, err) = ctl(&t, &["restart", "n9"], true);
+    assert_eq!(code, 1);
+    assert!(err.contains("n9 is not a member"), "{err}");
 }
