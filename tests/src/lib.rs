@@ -147,6 +147,36 @@ impl TestLab {
         exec(&self.lab.dsn(node)?, statements).await
     }
 
+    /// Waits (20 s at most) until a query's first column on `node` reads `want` as text
+    /// (`SHOW work_mem` → `8MB`).
+    pub async fn wait_text(&self, node: &str, query: &str, want: &str) {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{query} = {want} on {node}"),
+            || async {
+                self.sql(node, query)
+                    .await
+                    .is_ok_and(|r| r[0].get::<_, String>(0) == want)
+            },
+        )
+        .await;
+    }
+
+    /// Waits (20 s at most) until a bigint query on `node` returns `want`
+    /// (`SELECT count(*) FROM t` → 2).
+    pub async fn wait_count(&self, node: &str, query: &str, want: i64) {
+        wait_for(
+            Duration::from_secs(20),
+            &format!("{query} = {want} on {node}"),
+            || async {
+                self.sql(node, query)
+                    .await
+                    .is_ok_and(|r| r[0].get::<_, i64>(0) == want)
+            },
+        )
+        .await;
+    }
+
     /// A single bigint from a query such as `SELECT count(*) FROM t`.
     pub async fn count(&self, node: &str, query: &str) -> i64 {
         let rows = self.sql(node, query).await.expect("query");

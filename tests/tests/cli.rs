@@ -145,16 +145,7 @@ async fn pause_edit_config_and_restart_pending() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("version 1 applied"), "{out}");
     for n in all {
-        wait_for(
-            Duration::from_secs(20),
-            &format!("work_mem on {n}"),
-            || async {
-                t.sql(n, "SHOW work_mem")
-                    .await
-                    .is_ok_and(|r| r[0].get::<_, String>(0) == "9MB")
-            },
-        )
-        .await;
+        t.wait_text(n, "SHOW work_mem", "9MB").await;
     }
 
     // A restart-only change, then restart --pending restarts exactly the members that need it.

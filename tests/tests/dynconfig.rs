@@ -36,16 +36,7 @@ async fn one_change_reaches_every_node() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["config"]["version"], 1);
     for n in all {
-        wait_for(
-            Duration::from_secs(20),
-            &format!("work_mem on {n}"),
-            || async {
-                t.sql(n, "SHOW work_mem")
-                    .await
-                    .is_ok_and(|r| r[0].get::<_, String>(0) == "7MB")
-            },
-        )
-        .await;
+        t.wait_text(n, "SHOW work_mem", "7MB").await;
     }
     for (i, n) in all.iter().enumerate() {
         assert_eq!(
@@ -72,16 +63,7 @@ async fn one_change_reaches_every_node() {
         .await;
     }
     t.op("n2", "/v1/restart", None).await;
-    wait_for(
-        Duration::from_secs(20),
-        "n2 restarted with the new value",
-        || async {
-            t.sql("n2", "SHOW max_connections")
-                .await
-                .is_ok_and(|r| r[0].get::<_, String>(0) == "41")
-        },
-    )
-    .await;
+    t.wait_text("n2", "SHOW max_connections", "41").await;
     assert!(!t.status("n2").await.unwrap().pending_restart);
     assert!(t.status("n3").await.unwrap().pending_restart);
 

@@ -110,12 +110,7 @@ async fn loopback_mode_runs_without_namespaces() {
     t.exec("n1", "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    pgwarden_tests::wait_for(Duration::from_secs(20), "row on n2", || async {
-        t.sql("n2", "SELECT count(*) FROM t")
-            .await
-            .is_ok_and(|r| r[0].get::<_, i64>(0) == 1)
-    })
-    .await;
+    t.wait_count("n2", "SELECT count(*) FROM t", 1).await;
     let err = t.lab.clone().fault(Fault::Partition, "n2").unwrap_err();
     assert!(err.to_string().contains("root"), "{err}");
 }

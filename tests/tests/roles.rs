@@ -59,16 +59,7 @@ async fn switchover_by_api_loses_nothing() {
         .await
         .unwrap();
     for n in ["n1", "n3"] {
-        wait_for(
-            Duration::from_secs(20),
-            &format!("200 rows on {n}"),
-            || async {
-                t.sql(n, "SELECT count(*) FROM t")
-                    .await
-                    .is_ok_and(|r| r[0].get::<_, i64>(0) == 200)
-            },
-        )
-        .await;
+        t.wait_count(n, "SELECT count(*) FROM t", 200).await;
     }
     let n2 = t.status("n2").await.unwrap();
     assert_eq!(n2.timeline, Some(2));
@@ -91,12 +82,7 @@ async fn diverge_and_demote(t: &TestLab) {
     )
     .await
     .unwrap();
-    wait_for(Duration::from_secs(20), "row on n2", || async {
-        t.sql("n2", "SELECT count(*) FROM t")
-            .await
-            .is_ok_and(|r| r[0].get::<_, i64>(0) == 1)
-    })
-    .await;
+    t.wait_count("n2", "SELECT count(*) FROM t", 1).await;
     t.op("n2", "/v1/promote", None).await;
     t.exec("n1", "INSERT INTO t SELECT generate_series(1000, 1999)")
         .await
@@ -108,16 +94,7 @@ async fn diverge_and_demote(t: &TestLab) {
         .await;
     t.wait_streaming_from("n2", Duration::from_secs(90)).await;
     for n in ["n1", "n2", "n3"] {
-        wait_for(
-            Duration::from_secs(20),
-            &format!("n2's history on {n}"),
-            || async {
-                t.sql(n, "SELECT count(*), sum(id) FROM t")
-                    .await
-                    .is_ok_and(|r| r[0].get::<_, i64>(0) == 2)
-            },
-        )
-        .await;
+        t.wait_count(n, "SELECT count(*), sum(id) FROM t", 2).await;
     }
     assert_eq!(t.status("n1").await.unwrap().timeline, Some(2));
 }
@@ -235,12 +212,7 @@ async fn agent_restart_adopts_running_postgres_and_existing_data() {
         .filter(|k| *k == "clone_started")
         .count();
     assert_eq!(clones_before, clones_after, "no new base backup");
-    wait_for(Duration::from_secs(20), "both rows on n2", || async {
-        t.sql("n2", "SELECT count(*) FROM t")
-            .await
-            .is_ok_and(|r| r[0].get::<_, i64>(0) == 2)
-    })
-    .await;
+    t.wait_count("n2", "SELECT count(*) FROM t", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! while it keeps replicating; `clonefrom` makes a new replica take its base backup from that
 //! node and then stream from the primary; the tags appear in the status.
 
-use pgwarden_tests::{spec, wait_for, TestLab};
+use pgwarden_tests::{spec, TestLab};
 use reqwest::Method;
 use std::time::Duration;
 
@@ -37,12 +37,7 @@ async fn noloadbalance_and_clonefrom() {
     t.exec("n1", "CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
         .await
         .unwrap();
-    wait_for(Duration::from_secs(20), "row on n3", || async {
-        t.sql("n3", "SELECT count(*) FROM t")
-            .await
-            .is_ok_and(|r| r[0].get::<_, i64>(0) == 1)
-    })
-    .await;
+    t.wait_count("n3", "SELECT count(*) FROM t", 1).await;
     // n2 is rebuilt: its base backup comes from n3, then it streams from the primary.
     t.op("n2", "/v1/reinitialize", None).await;
     t.wait_streaming_from("n1", Duration::from_secs(60)).await;
@@ -65,10 +60,5 @@ async fn noloadbalance_and_clonefrom() {
         .unwrap()
         .starts_with("base backup from n3"));
     t.exec("n1", "INSERT INTO t VALUES (2)").await.unwrap();
-    wait_for(Duration::from_secs(20), "both rows on n2", || async {
-        t.sql("n2", "SELECT count(*) FROM t")
-            .await
-            .is_ok_and(|r| r[0].get::<_, i64>(0) == 2)
-    })
-    .await;
+    t.wait_count("n2", "SELECT count(*) FROM t", 2).await;
 }
