@@ -37,9 +37,9 @@ impl Consensus {
             .with_context(|| format!("open the state machine in {}", dir.display()))?;
         let raft_cfg = Config {
             cluster_name: cfg.cluster.name.clone(),
-            heartbeat_interval: 250,
-            election_timeout_min: 1000,
-            election_timeout_max: 2000,
+            heartbeat_interval: 150,
+            election_timeout_min: 500,
+            election_timeout_max: 1000,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 200,
             ..Default::default()
