@@ -281,8 +281,45 @@ async fn reinitialize_keeps_the_old_data_directory() {
         .unwrap();
     let n2 = t.lab.node("n2").unwrap().clone();
     std::fs::write(n2.data_dir.join("keep-me.txt"), "operator notes").unwrap();
+    // Some data, so that the copy takes a moment; watch the status while it runs.
+    t.exec(
+        "n1",
+        "CREATE TABLE pad AS SELECT g, repeat('x', 500) AS p FROM generate_series(1, 60000) g",
+    )
+    .await
+    .unwrap();
+    t.wait_count("n2", "SELECT count(*) FROM pad", 60000).await;
+    let watcher = {
+        let http = t.http.clone();
+        let url = format!("{}/status", t.lab.health_url("n2").unwrap());
+        tokio::spawn(async move {
+            let mut seen = None;
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if let Ok(r) = http.get(&url).timeout(Duration::from_secs(1)).send().await {
+                    if let Ok(s) = r.json::<pgwarden_core::status::NodeStatus>().await {
+                        if let Some(p) = s.basebackup {
+                            seen = Some((s.state, p));
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
     let msg = t.op("n2", "/v1/reinitialize", None).await;
     assert!(!msg.is_empty());
+    let (state, progress) = watcher
+        .await
+        .unwrap()
+        .expect("base-backup progress in the status");
+    assert_eq!(state, pgwarden_core::status::PgState::Cloning);
+    assert!(
+        progress.total_bytes > 30 << 20 && progress.done_bytes <= progress.total_bytes,
+        "{progress:?}"
+    );
     t.wait_streaming_from("n1", Duration::from_secs(60)).await;
     let parent = n2.data_dir.parent().unwrap();
     let moved: Vec<_> = std::fs::read_dir(parent)
