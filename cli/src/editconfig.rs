@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 /// A `postgresql.conf` value as a TOML value: quoted strings become strings, numbers numbers,
 /// anything else (on, off, 0700) a string.
 fn to_toml(v: &str) -> toml::Value {
-    if let Some(inner) = v.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
-        return toml::Value::String(inner.replace("''", "'").replace("\\\\", "\\"));
+    if v.starts_with('\'') {
+        return toml::Value::String(pgwarden_core::pgtext::unquote_conf(v));
     }
     if let Ok(i) = v.parse::<i64>() {
         if !v.starts_with('0') || v == "0" {

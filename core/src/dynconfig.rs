@@ -53,10 +53,6 @@ pub struct PatchError {
     pub message: String,
 }
 
-fn quote(v: &str) -> String {
-    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
-}
-
 /// Renders a JSON value for `postgresql.conf`.
 fn conf_value(field: &str, v: &serde_json::Value) -> Result<ConfValue, PatchError> {
     match v {
@@ -67,7 +63,7 @@ fn conf_value(field: &str, v: &serde_json::Value) -> Result<ConfValue, PatchErro
                     message: "a value may not contain a line break".into(),
                 });
             }
-            Ok(quote(s))
+            Ok(crate::pgtext::quote_conf(s))
         }
         serde_json::Value::Number(n) => Ok(n.to_string()),
         serde_json::Value::Bool(b) => Ok(if *b { "on" } else { "off" }.into()),

@@ -257,8 +257,8 @@ pub fn parse_conninfo(s: &str) -> BTreeMap<String, String> {
     out
 }
 
-/// Parses one `postgresql.auto.conf` value (quoted or bare).
-fn unquote_conf(v: &str) -> String {
+/// Parses one configuration-file value (quoted or bare).
+pub fn unquote_conf(v: &str) -> String {
     let v = v.trim();
     if let Some(inner) = v.strip_prefix('\'').and_then(|r| r.strip_suffix('\'')) {
         inner.replace("''", "'").replace("\\\\", "\\")

@@ -147,6 +147,21 @@ impl TestLab {
         exec(&self.lab.dsn(node)?, statements).await
     }
 
+    /// A member that is a Raft follower with a known leader (waits up to 20 s for one).
+    pub async fn raft_follower(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for n in &self.lab.nodes {
+                let c = self.status(&n.name).await.and_then(|s| s.consensus);
+                if c.is_some_and(|c| c.raft_state == "follower" && c.leader.is_some()) {
+                    return n.name.clone();
+                }
+            }
+            assert!(Instant::now() < deadline, "no Raft follower with a leader");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits (20 s at most) until a query's first column on `node` reads `want` as text
     /// (`SHOW work_mem` → `8MB`).
     pub async fn wait_text(&self, node: &str, query: &str, want: &str) {

@@ -31,10 +31,27 @@ async fn one_change_reaches_every_node() {
         v
     };
 
-    // Through a replica's agent: the change goes through the replicated log.
-    let (code, v) = patch(&t, "n3", json!({"parameters": {"work_mem": "7MB"}})).await;
+    // Through a Raft follower: the change is forwarded to the leader, and the follower's answer
+    // (and what it serves next) already includes it.
+    let follower = t.raft_follower().await;
+    let follower = follower.as_str();
+    let (code, v) = patch(&t, follower, json!({"parameters": {"work_mem": "7MB"}})).await;
     assert_eq!(code, 200, "{v}");
-    assert_eq!(v["config"]["version"], 1);
+    assert_eq!(
+        v["config"]["version"], 1,
+        "{follower} answered with its own state: {v}"
+    );
+    let r: serde_json::Value = t
+        .http
+        .get(format!("{}/v1/config", t.lab.api_url(follower).unwrap()))
+        .bearer_auth(&t.lab.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["config"]["version"], 1, "read-your-writes on {follower}");
     for n in all {
         t.wait_text(n, "SHOW work_mem", "7MB").await;
     }
@@ -116,7 +133,7 @@ async fn one_change_reaches_every_node() {
     assert_eq!(h.len(), 3);
     assert_eq!(h[0]["changes"][0]["name"], "work_mem");
     assert_eq!(h[0]["changes"][0]["new"], "'7MB'");
-    assert!(h[0]["by"].as_str().unwrap().contains("n3"));
+    assert!(h[0]["by"].as_str().unwrap().contains(follower));
     assert!(h[1]["at_ms"].as_u64().unwrap() >= h[0]["at_ms"].as_u64().unwrap());
     assert_eq!(h[2]["changes"][0]["name"], "pg_hba");
 }

@@ -118,16 +118,25 @@ impl Consensus {
 
     /// Commits a proposal through the leader (forwarding it when this member is not the
     /// leader) and returns what applying it gave.
+    /// Commits a proposal and returns once this member has applied it too, so that what the
+    /// caller reads next (status, configuration) includes its own change.
     pub async fn propose(&self, p: Proposal) -> Result<Applied> {
         // Without a majority nothing commits: answer within a few seconds instead of waiting.
-        tokio::time::timeout(PROPOSE_TIMEOUT, self.propose_inner(p))
+        let (applied, index) = tokio::time::timeout(PROPOSE_TIMEOUT, self.propose_inner(p))
             .await
-            .map_err(|_| anyhow!("not committed within {PROPOSE_TIMEOUT:?}: no majority of the members is reachable"))?
+            .map_err(|_| anyhow!("not committed within {PROPOSE_TIMEOUT:?}: no majority of the members is reachable"))??;
+        let mut m = self.raft.metrics();
+        let caught_up = m.wait_for(|m| m.last_applied.is_some_and(|l| l.index >= index));
+        tokio::time::timeout(PROPOSE_TIMEOUT, caught_up)
+            .await
+            .map_err(|_| anyhow!("committed, but not yet applied on this member"))?
+            .map_err(|e| anyhow!("raft stopped: {e}"))?;
+        Ok(applied)
     }
 
-    async fn propose_inner(&self, p: Proposal) -> Result<Applied> {
+    async fn propose_inner(&self, p: Proposal) -> Result<(Applied, u64)> {
         match self.raft.client_write(p.clone()).await {
-            Ok(r) => Ok(r.data),
+            Ok(r) => Ok((r.data, r.log_id.index)),
             Err(e) => match e.forward_to_leader::<BasicNode>() {
                 Some(f) => {
                     let Some(node) = &f.leader_node else {
@@ -140,16 +149,17 @@ impl Consensus {
         }
     }
 
-    /// Commits a proposal only if this member leads (used by the forwarding endpoint).
-    pub async fn propose_here(&self, p: Proposal) -> Result<Applied> {
+    /// Commits a proposal only if this member leads (used by the forwarding endpoint); returns
+    /// the result and the log index it was committed at.
+    pub async fn propose_here(&self, p: Proposal) -> Result<(Applied, u64)> {
         tokio::time::timeout(PROPOSE_TIMEOUT, self.raft.client_write(p))
             .await
             .map_err(|_| anyhow!("not committed within {PROPOSE_TIMEOUT:?}"))?
-            .map(|r| r.data)
+            .map(|r| (r.data, r.log_id.index))
             .map_err(|e| anyhow!("propose: {e}"))
     }
 
-    async fn forward(&self, addr: &str, p: &Proposal) -> Result<Applied> {
+    async fn forward(&self, addr: &str, p: &Proposal) -> Result<(Applied, u64)> {
         let r = self
             .net
             .http
@@ -162,7 +172,8 @@ impl Consensus {
         if !r.status().is_success() {
             bail!("the leader at {addr} answered {}", r.status());
         }
-        let res: Result<Applied, String> = r.json().await.context("read the leader's answer")?;
+        let res: Result<(Applied, u64), String> =
+            r.json().await.context("read the leader's answer")?;
         res.map_err(|e| anyhow!("the leader refused: {e}"))
     }
 }
