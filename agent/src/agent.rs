@@ -618,6 +618,7 @@ impl Agent {
         let intent = self.intent.clone();
         let crash_restarts = self.crash_restarts;
         let consensus = self.shared.consensus.info();
+        let quorum = consensus.leader.is_some();
         self.shared.update(|s| {
             s.consensus = Some(consensus);
             s.name = me.clone();
@@ -634,7 +635,6 @@ impl Agent {
             s.lag_bytes = lag;
             s.sync_state = sync_state;
             s.crash_restarts = crash_restarts;
-            s.tags = self.cfg.tags.clone();
             s.agent_version = env!("CARGO_PKG_VERSION").into();
             match sql {
                 Some(st) => {
@@ -664,6 +664,8 @@ impl Agent {
                     }
                 }
             }
+            s.tags = self.cfg.tags.clone();
+            s.failover_readiness = Some(self.readiness(s, quorum));
         });
     }
 
@@ -710,6 +712,49 @@ impl Agent {
         self.shared
             .postmaster_pid
             .store(pid, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the cluster could fail over right now: a majority agrees on a Raft leader and
+    /// some member other than the primary is an eligible candidate (`core::candidate`).
+    fn readiness(&self, me: &NodeStatus, quorum: bool) -> pgwarden_core::candidate::Readiness {
+        use pgwarden_core::candidate::{
+            readiness, Candidate, Rules, DEFAULT_MAXIMUM_LAG_ON_FAILOVER,
+        };
+        let members: Vec<(String, Option<&NodeStatus>)> =
+            std::iter::once((me.name.clone(), Some(me)))
+                .chain(self.peers.iter().map(|(m, s)| (m.name.clone(), s.as_ref())))
+                .collect();
+        let primary = members
+            .iter()
+            .find(|(_, s)| s.is_some_and(|s| s.is_writable_primary()));
+        let candidates: Vec<Candidate> = members
+            .iter()
+            .filter(|(n, _)| primary.is_none_or(|(p, _)| p != n))
+            .map(|(name, s)| match s {
+                Some(s) => Candidate {
+                    name: name.clone(),
+                    healthy: s.is_running_replica(),
+                    witness: false,
+                    nofailover: s.tags.nofailover,
+                    failover_priority: s.tags.effective_failover_priority(),
+                    received_lsn: s.wal.received.or(s.wal.replayed),
+                },
+                None => Candidate {
+                    name: name.clone(),
+                    healthy: false,
+                    witness: false,
+                    nofailover: false,
+                    failover_priority: 0,
+                    received_lsn: None,
+                },
+            })
+            .collect();
+        let rules = Rules {
+            maximum_lag_on_failover: DEFAULT_MAXIMUM_LAG_ON_FAILOVER,
+            primary_lsn: primary.and_then(|(_, s)| s.and_then(|s| s.wal.write)),
+            sync_set: None,
+        };
+        readiness(&candidates, quorum, &rules)
     }
 
     fn set_state(&mut self, st: PgState) {

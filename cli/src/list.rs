@@ -109,6 +109,17 @@ pub fn render(view: &ClusterView) -> String {
     if paused {
         out.push(" Maintenance mode: on".into());
     }
+    let reporter = view
+        .members
+        .iter()
+        .find(|m| m.name == view.reported_by)
+        .and_then(|m| m.status.as_ref()?.failover_readiness.as_ref());
+    if let Some(r) = reporter {
+        out.push(match (&r.best, r.ready) {
+            (Some(b), true) => format!(" Failover ready: yes (best candidate: {b})"),
+            _ => format!(" Failover ready: NO: {}", r.reasons.join("; ")),
+        });
+    }
     out.join("\n") + "\n"
 }
 
@@ -136,6 +147,12 @@ mod tests {
             intent: Intent::primary(),
             timeline: Some(2),
             system_identifier: Some("7301".into()),
+            failover_readiness: Some(pgwarden_core::candidate::Readiness {
+                ready: false,
+                best: None,
+                reasons: vec!["no eligible candidate (n2: tagged nofailover)".into()],
+                candidates: vec![],
+            }),
             ..Default::default()
         };
         let replica = NodeStatus {
@@ -197,6 +214,10 @@ mod tests {
             ["n3", "10.0.0.3:5432", "", "unreachable", "", ""]
         );
         assert_eq!(lines[7], " Maintenance mode: on");
+        assert_eq!(
+            lines[8],
+            " Failover ready: NO: no eligible candidate (n2: tagged nofailover)"
+        );
         // Every line of the table has the same width.
         let width = lines[0].len();
         assert!(lines[..7].iter().all(|l| l.chars().count() == width), "{t}");

@@ -99,6 +99,55 @@ pub fn choose<'a>(candidates: &'a [Candidate], rules: &Rules) -> Option<&'a Cand
     eligible.first().copied()
 }
 
+/// Could the cluster fail over right now, and to whom?
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// The member a failover would promote now.
+    pub best: Option<String>,
+    /// Why it could not, when it could not.
+    pub reasons: Vec<String>,
+    /// Every member other than the primary, with its verdict.
+    pub candidates: Vec<(String, Verdict)>,
+}
+
+/// The default `maximum_lag_on_failover` (as in Patroni): 1 MiB.
+pub const DEFAULT_MAXIMUM_LAG_ON_FAILOVER: u64 = 1 << 20;
+
+/// Readiness from the candidates (every member but the primary), whether a majority of the
+/// members agrees on a leader of the replicated log, and the rules.
+pub fn readiness(candidates: &[Candidate], quorum: bool, rules: &Rules) -> Readiness {
+    let verdicts: Vec<(String, Verdict)> = candidates
+        .iter()
+        .map(|c| (c.name.clone(), verdict(c, rules)))
+        .collect();
+    let best = choose(candidates, rules).map(|c| c.name.clone());
+    let mut reasons = Vec::new();
+    if !quorum {
+        reasons.push("no majority of the members agrees on a leader".to_string());
+    }
+    if best.is_none() {
+        let why: Vec<String> = verdicts
+            .iter()
+            .filter_map(|(n, v)| match v {
+                Verdict::Ineligible(w) => Some(format!("{n}: {w}")),
+                Verdict::Eligible => None,
+            })
+            .collect();
+        reasons.push(if why.is_empty() {
+            "no replica to promote".to_string()
+        } else {
+            format!("no eligible candidate ({})", why.join("; "))
+        });
+    }
+    Readiness {
+        ready: reasons.is_empty(),
+        best,
+        reasons,
+        candidates: verdicts,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +284,34 @@ mod tests {
             let got = choose(&case.cands, &case.rules).map(|c| c.name.as_str());
             assert_eq!(got, case.want, "{}", case.name);
         }
+    }
+
+    #[test]
+    fn readiness_needs_quorum_and_a_candidate() {
+        let r = rules(1000, 100);
+        let ok = readiness(&[c("a", 1, 100), c("b", 1, 90)], true, &r);
+        assert!(ok.ready);
+        assert_eq!(ok.best.as_deref(), Some("a"));
+        assert!(ok.reasons.is_empty());
+        let no_quorum = readiness(&[c("a", 1, 100)], false, &r);
+        assert!(!no_quorum.ready);
+        assert!(no_quorum.reasons[0].contains("majority"));
+        let mut nof = c("a", 1, 100);
+        nof.nofailover = true;
+        let none = readiness(&[nof, c("b", 0, 100)], true, &r);
+        assert!(!none.ready);
+        assert_eq!(none.best, None);
+        assert!(
+            none.reasons[0].contains("a: tagged nofailover"),
+            "{:?}",
+            none.reasons
+        );
+        assert!(
+            none.reasons[0].contains("b: failover_priority is 0"),
+            "{:?}",
+            none.reasons
+        );
+        assert!(!readiness(&[], true, &r).ready);
     }
 
     #[test]

@@ -164,6 +164,9 @@ pub struct NodeStatus {
     /// This node's tags (from its configuration).
     #[serde(default)]
     pub tags: crate::config::Tags,
+    /// Whether the cluster could fail over right now, as this member sees it.
+    #[serde(default)]
+    pub failover_readiness: Option<crate::candidate::Readiness>,
     /// The replicated log and the lease, as this member sees them.
     pub consensus: Option<Consensus>,
     /// When the agent's loop last completed, in milliseconds since the Unix epoch.

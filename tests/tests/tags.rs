@@ -62,3 +62,46 @@ async fn noloadbalance_and_clonefrom() {
     t.exec("n1", "INSERT INTO t VALUES (2)").await.unwrap();
     t.wait_count("n2", "SELECT count(*) FROM t", 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_readiness_follows_tags_and_health() {
+    let mut s = spec(21, 3);
+    s.node_config = vec![("n2".into(), "[tags]\nnofailover = true".into())];
+    let mut t = TestLab::up(s).await;
+    let readiness = |st: pgwarden_core::status::NodeStatus| st.failover_readiness.unwrap();
+    pgwarden_tests::wait_for(
+        Duration::from_secs(20),
+        "ready with n3 as the best",
+        || async {
+            t.status("n1")
+                .await
+                .and_then(|s| s.failover_readiness)
+                .is_some_and(|r| r.ready && r.best.as_deref() == Some("n3"))
+        },
+    )
+    .await;
+    let r = readiness(t.status("n1").await.unwrap());
+    let n2 = r.candidates.iter().find(|(n, _)| n == "n2").unwrap();
+    assert!(
+        matches!(&n2.1, pgwarden_core::candidate::Verdict::Ineligible(w) if w.contains("nofailover")),
+        "{r:?}"
+    );
+
+    // n3's host dies: two of three members still agree on a leader, but nobody can be promoted.
+    t.lab.fault(pgwarden_lab::Fault::StopNode, "n3").unwrap();
+    pgwarden_tests::wait_for(Duration::from_secs(20), "not ready", || async {
+        t.status("n1")
+            .await
+            .and_then(|s| s.failover_readiness)
+            .is_some_and(|r| !r.ready)
+    })
+    .await;
+    let r = readiness(t.status("n1").await.unwrap());
+    let why = r.reasons.join("; ");
+    assert!(why.contains("n2: tagged nofailover"), "{why}");
+    assert!(why.contains("n3: not a healthy replica"), "{why}");
+    assert!(
+        !why.contains("majority"),
+        "two of three still form a majority: {why}"
+    );
+}
