@@ -132,6 +132,20 @@ impl TestLab {
         (code, v)
     }
 
+    /// GETs from the agent API; the body must be JSON and the call must succeed.
+    pub async fn api_get(&self, node: &str, path: &str) -> serde_json::Value {
+        let url = format!("{}{path}", self.lab.api_url(node).expect("node"));
+        let r = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.lab.token)
+            .send()
+            .await
+            .expect("agent API request");
+        assert!(r.status().is_success(), "GET {url}: {}", r.status());
+        r.json().await.expect("JSON body")
+    }
+
     /// Like `api` but the operation must succeed.
     pub async fn op(&self, node: &str, path: &str, body: Option<serde_json::Value>) -> String {
         let (code, v) = self.api(node, path, body).await;
@@ -162,34 +176,31 @@ impl TestLab {
         }
     }
 
-    /// Waits (20 s at most) until a query's first column on `node` reads `want` as text
-    /// (`SHOW work_mem` → `8MB`).
-    pub async fn wait_text(&self, node: &str, query: &str, want: &str) {
+    /// Waits (20 s at most) until a query's first column on `node` equals `want`.
+    async fn wait_value<T>(&self, node: &str, query: &str, want: T)
+    where
+        T: for<'a> tokio_postgres::types::FromSql<'a> + PartialEq + std::fmt::Display,
+    {
         wait_for(
             Duration::from_secs(20),
             &format!("{query} = {want} on {node}"),
             || async {
                 self.sql(node, query)
                     .await
-                    .is_ok_and(|r| r[0].get::<_, String>(0) == want)
+                    .is_ok_and(|r| r[0].try_get::<_, T>(0).is_ok_and(|v| v == want))
             },
         )
         .await;
     }
 
-    /// Waits (20 s at most) until a bigint query on `node` returns `want`
-    /// (`SELECT count(*) FROM t` → 2).
+    /// Waits until a query reads `want` as text on `node` (`SHOW work_mem` → `8MB`).
+    pub async fn wait_text(&self, node: &str, query: &str, want: &str) {
+        self.wait_value(node, query, want.to_string()).await;
+    }
+
+    /// Waits until a bigint query returns `want` on `node` (`SELECT count(*) FROM t` → 2).
     pub async fn wait_count(&self, node: &str, query: &str, want: i64) {
-        wait_for(
-            Duration::from_secs(20),
-            &format!("{query} = {want} on {node}"),
-            || async {
-                self.sql(node, query)
-                    .await
-                    .is_ok_and(|r| r[0].get::<_, i64>(0) == want)
-            },
-        )
-        .await;
+        self.wait_value(node, query, want).await;
     }
 
     /// A single bigint from a query such as `SELECT count(*) FROM t`.

@@ -41,16 +41,7 @@ async fn one_change_reaches_every_node() {
         v["config"]["version"], 1,
         "{follower} answered with its own state: {v}"
     );
-    let r: serde_json::Value = t
-        .http
-        .get(format!("{}/v1/config", t.lab.api_url(follower).unwrap()))
-        .bearer_auth(&t.lab.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = t.api_get(follower, "/v1/config").await;
     assert_eq!(r["config"]["version"], 1, "read-your-writes on {follower}");
     for n in all {
         t.wait_text(n, "SHOW work_mem", "7MB").await;
@@ -118,16 +109,7 @@ async fn one_change_reaches_every_node() {
     }
 
     // The history: who, when, what.
-    let r: serde_json::Value = t
-        .http
-        .get(format!("{}/v1/config", t.lab.api_url("n1").unwrap()))
-        .bearer_auth(&t.lab.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = t.api_get("n1", "/v1/config").await;
     assert_eq!(r["config"]["version"], 3, "{r}");
     let h = r["history"].as_array().unwrap();
     assert_eq!(h.len(), 3);
