@@ -791,12 +791,13 @@ impl Agent {
                 match standby_of {
                     Some(up) => {
                         let up = self.member(up)?;
-                        self.prepare_standby(&up, false).await?;
-                        self.pg.write_config(Some(&up))?;
+                        self.start_standby_of(&up, false).await?;
                     }
-                    None => self.pg.write_config(None)?,
+                    None => {
+                        self.pg.write_config(None)?;
+                        self.pg.start().await.context("start postgres")?;
+                    }
                 }
-                self.pg.start().await.context("start postgres")?;
                 let st = self.pg.query_status().await?;
                 if !st.in_recovery {
                     self.pg.ensure_roles().await?;
@@ -838,9 +839,7 @@ impl Agent {
                     format!("stopped for demotion (clean: {clean}, final checkpoint at {end})"),
                 );
                 self.note = Some(format!("demoted; the old primary's WAL ends at {end}"));
-                self.prepare_standby(&up, false).await?;
-                self.pg.write_config(Some(&up))?;
-                self.pg.start().await.context("start as standby")?;
+                self.start_standby_of(&up, false).await?;
                 self.shared
                     .events
                     .record("demoted", format!("demoted; now a standby of {follow}"));
@@ -856,9 +855,7 @@ impl Agent {
                 let up = self.member(from)?;
                 self.set_state(PgState::Stopping);
                 self.pg.stop(true).await?;
-                self.prepare_standby(&up, true).await?;
-                self.pg.write_config(Some(&up))?;
-                self.pg.start().await.context("start as standby")?;
+                self.start_standby_of(&up, true).await?;
                 self.shared
                     .events
                     .record("rejoined", format!("rejoined as a standby of {from}"));
@@ -952,6 +949,14 @@ impl Agent {
             format!("started as a standby of {}", up.name),
         );
         Ok(())
+    }
+
+    /// Starts the stopped PostgreSQL as a standby of `up`, rewinding it first when it diverged
+    /// (always checked when `force_rewind`, see `prepare_standby`).
+    async fn start_standby_of(&mut self, up: &Member, force_rewind: bool) -> Result<()> {
+        self.prepare_standby(up, force_rewind).await?;
+        self.pg.write_config(Some(up))?;
+        self.pg.start().await.context("start as standby")
     }
 
     /// Before a stopped node starts as a standby of `up`: if it ran as a primary, or `force`,
