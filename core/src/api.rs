@@ -3,18 +3,26 @@
 use crate::status::NodeStatus;
 use serde::{Deserialize, Serialize};
 
-/// `POST /v1/demote`: stop cleanly, then run as a standby of `primary`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// `POST /v1/switchover`: hand the primary role over to `candidate` (or the best replica when
+/// absent), now or at `scheduled_at` (RFC 3339, e.g. `2026-11-22T10:00:00Z`). The old primary
+/// shuts down cleanly, the candidate waits until it has received every WAL record, takes the
+/// lease and promotes; the old primary follows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DemoteRequest {
-    pub primary: String,
+pub struct SwitchoverRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<String>,
 }
 
-/// `POST /v1/follow`: stream from `primary` instead (a replica only).
+/// `POST /v1/failover`: make `candidate` the primary when there is no healthy primary (the
+/// lease expired or was released). Allowed in maintenance mode; refused while a healthy
+/// primary holds the lease (use a switchover).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FollowRequest {
-    pub primary: String,
+pub struct FailoverRequest {
+    pub candidate: String,
 }
 
 /// The answer to an operation: done (or failed), and the status afterwards.

@@ -3,8 +3,9 @@
 //! The agent executes the action and asks again on the next loop; every action is idempotent,
 //! so a crash between two steps is repaired by the next decision.
 //!
-//! Today the intent comes from the configuration and explicit API calls. The vote will produce
-//! the intent instead; this function and the executor stay as they are.
+//! The intent comes from the lease (`elect::intent`): the holder is the primary, the others
+//! follow it, and a member without a lease and without a holder to follow is a standby
+//! without an upstream — never a writable primary.
 
 use crate::status::{DesiredRole, Intent, Role};
 
@@ -72,11 +73,11 @@ pub enum Action {
     Start {
         standby_of: Option<String>,
     },
+    /// Start PostgreSQL as a standby with no upstream (read-only).
+    StartStandby,
+    /// This member may not write: stop PostgreSQL at once (immediate shutdown).
+    StepDown,
     Promote,
-    /// Clean shutdown, then start as a standby of `follow` (rewinding if diverged).
-    Demote {
-        follow: String,
-    },
     /// Point a running replica at another upstream.
     Follow {
         upstream: String,
@@ -130,14 +131,15 @@ pub fn next_action(intent: &Intent, obs: &Observed, pending: Option<OneShot>) ->
             (DesiredRole::Replica, Some(from)) => {
                 Action::Wait(format!("waiting for {from} to run before cloning from it"))
             }
-            (DesiredRole::Replica, None) => Action::Wait("no upstream to clone from".into()),
+            (DesiredRole::Replica, None) => Action::Wait("no primary to clone from".into()),
         },
         (DataDir::Empty, _) => Action::Wait("PostgreSQL runs without a data directory".into()),
-        (DataDir::Valid { .. }, Postmaster::Stopped) => Action::Start {
-            standby_of: match intent.role {
-                DesiredRole::Primary => None,
-                DesiredRole::Replica => upstream,
+        (DataDir::Valid { .. }, Postmaster::Stopped) => match (intent.role, upstream) {
+            (DesiredRole::Primary, _) => Action::Start { standby_of: None },
+            (DesiredRole::Replica, Some(up)) => Action::Start {
+                standby_of: Some(up),
             },
+            (DesiredRole::Replica, None) => Action::StartStandby,
         },
         (DataDir::Valid { .. }, Postmaster::Starting) => {
             Action::Wait("PostgreSQL is starting".into())
@@ -149,7 +151,7 @@ pub fn next_action(intent: &Intent, obs: &Observed, pending: Option<OneShot>) ->
             DesiredRole::Primary => Action::Promote,
             DesiredRole::Replica => {
                 let Some(up) = upstream else {
-                    return Action::Wait("no upstream to follow".into());
+                    return Action::Wait("no primary holds the lease".into());
                 };
                 if obs.following.as_deref() != Some(up.as_str()) {
                     Action::Follow { upstream: up }
@@ -163,10 +165,8 @@ pub fn next_action(intent: &Intent, obs: &Observed, pending: Option<OneShot>) ->
             }
         },
         (DataDir::Valid { .. }, Postmaster::Running(Role::Primary)) => match intent.role {
-            DesiredRole::Replica => match upstream {
-                Some(follow) => Action::Demote { follow },
-                None => Action::Wait("no upstream to follow after demotion".into()),
-            },
+            // Writable without the lease: stop at once; it starts again as a standby.
+            DesiredRole::Replica => Action::StepDown,
             DesiredRole::Primary if pending == Some(OneShot::Restart) => Action::Restart,
             DesiredRole::Primary => Action::Nothing,
         },
@@ -281,11 +281,24 @@ mod tests {
         let rep = obs(VALID, Postmaster::Running(Role::Replica));
         assert_eq!(next_action(&Intent::primary(), &rep, None), Action::Promote);
         let prim = obs(VALID, Postmaster::Running(Role::Primary));
+        // A writable primary without the lease stops at once, whoever holds it.
         assert_eq!(
             next_action(&Intent::replica_of("n2"), &prim, None),
-            Action::Demote {
-                follow: "n2".into()
-            }
+            Action::StepDown
+        );
+        assert_eq!(
+            next_action(&Intent::standby(), &prim, None),
+            Action::StepDown
+        );
+        // Stopped without a lease: it starts read-only, never as a primary.
+        let stopped = obs(VALID, Postmaster::Stopped);
+        assert_eq!(
+            next_action(&Intent::standby(), &stopped, None),
+            Action::StartStandby
+        );
+        assert_eq!(
+            next_action(&Intent::standby(), &rep, None),
+            Action::Wait("no primary holds the lease".into())
         );
         assert_eq!(
             next_action(&Intent::primary(), &prim, None),

@@ -4,6 +4,7 @@
 //! history of who changed what, when.
 
 use crate::config::{check_param_name, MANAGED_PARAMETERS};
+use crate::duration::{parse_duration, ConfDuration};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -17,6 +18,56 @@ pub struct DynamicConfig {
     pub parameters: BTreeMap<String, ConfValue>,
     /// Extra `pg_hba.conf` lines, after the agent's own and the node file's.
     pub pg_hba: Vec<String>,
+    /// The lease and failover settings every member applies the same way.
+    #[serde(default)]
+    pub failover: FailoverSettings,
+}
+
+/// The lease's timing and the failover limits. They live in the replicated state because
+/// every member must judge the lease with the same numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FailoverSettings {
+    /// How long a lease lasts after each renewal. The holder renews every `ttl / 6`; a dead
+    /// holder is replaced `ttl + clock_drift` after its last renewal.
+    pub ttl: ConfDuration,
+    /// The largest offset between two members' wall clocks the lease tolerates.
+    pub clock_drift: ConfDuration,
+    /// A replica further behind the old primary's last reported position is not promoted
+    /// (asynchronous replication), in bytes.
+    pub maximum_lag_on_failover: u64,
+    /// How long the holder tries to restart a failed PostgreSQL in place before it gives the
+    /// lease up so another member takes over.
+    pub primary_start_timeout: ConfDuration,
+}
+
+impl Default for FailoverSettings {
+    fn default() -> Self {
+        FailoverSettings {
+            ttl: ConfDuration::secs(3),
+            clock_drift: ConfDuration::millis(500),
+            maximum_lag_on_failover: 1 << 20,
+            primary_start_timeout: ConfDuration::secs(30),
+        }
+    }
+}
+
+impl FailoverSettings {
+    pub fn ttl_ms(&self) -> u64 {
+        self.ttl.0.as_millis() as u64
+    }
+    pub fn drift_ms(&self) -> u64 {
+        self.clock_drift.0.as_millis() as u64
+    }
+    /// How often the holder renews.
+    pub fn renew_interval_ms(&self) -> u64 {
+        self.ttl_ms() / 6
+    }
+    /// How long before the end of its lease the holder stops accepting writes: time enough
+    /// to stop PostgreSQL (an immediate shutdown) before anyone else may take over.
+    pub fn margin_ms(&self) -> u64 {
+        (self.ttl_ms() / 6).clamp(100, 500)
+    }
 }
 
 /// `PATCH /v1/config`: parameters to set (a JSON string, number or boolean) or remove (`null`),
@@ -27,6 +78,12 @@ pub struct ConfigPatch {
     #[serde(default)]
     pub parameters: BTreeMap<String, Option<serde_json::Value>>,
     pub pg_hba: Option<Vec<String>>,
+    /// `"3s"`, `"1500ms"`.
+    pub ttl: Option<String>,
+    pub clock_drift: Option<String>,
+    /// Bytes, or a size like `"16MB"`.
+    pub maximum_lag_on_failover: Option<serde_json::Value>,
+    pub primary_start_timeout: Option<String>,
 }
 
 /// One changed setting: `None` on a side means absent.
@@ -133,10 +190,91 @@ pub fn apply_patch(
             next.pg_hba = lines.clone();
         }
     }
+    patch_failover(&mut next.failover, patch, &mut changes)?;
     if !changes.is_empty() {
         next.version = current.version + 1;
     }
     Ok((next, changes))
+}
+
+fn patch_failover(
+    f: &mut FailoverSettings,
+    patch: &ConfigPatch,
+    changes: &mut Vec<Change>,
+) -> Result<(), PatchError> {
+    let err = |field: &str, message: String| PatchError {
+        field: field.into(),
+        message,
+    };
+    let dur = |field: &str, v: &str| {
+        parse_duration(v)
+            .map(ConfDuration)
+            .map_err(|m| err(field, m))
+    };
+    let mut next = *f;
+    if let Some(v) = &patch.ttl {
+        next.ttl = dur("ttl", v)?;
+    }
+    if let Some(v) = &patch.clock_drift {
+        next.clock_drift = dur("clock_drift", v)?;
+    }
+    if let Some(v) = &patch.primary_start_timeout {
+        next.primary_start_timeout = dur("primary_start_timeout", v)?;
+    }
+    if let Some(v) = &patch.maximum_lag_on_failover {
+        let field = "maximum_lag_on_failover";
+        next.maximum_lag_on_failover = match v {
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .ok_or_else(|| err(field, format!("{n} is not a number of bytes")))?,
+            serde_json::Value::String(s) => {
+                crate::lsn::parse_size(s).map_err(|e| err(field, e.to_string()))?
+            }
+            _ => return Err(err(field, "must be bytes or a size like \"16MB\"".into())),
+        };
+    }
+    if next.ttl < ConfDuration::millis(600) || next.ttl > ConfDuration::secs(600) {
+        return Err(err(
+            "ttl",
+            format!("{} must be between 600ms and 10m", next.ttl),
+        ));
+    }
+    if next.drift_ms() * 2 > next.ttl_ms() {
+        return Err(err(
+            "clock_drift",
+            format!(
+                "{} must be at most half the ttl ({})",
+                next.clock_drift, next.ttl
+            ),
+        ));
+    }
+    let mut note = |name: &str, old: String, new: String| {
+        if old != new {
+            changes.push(Change {
+                name: name.into(),
+                old: Some(old),
+                new: Some(new),
+            });
+        }
+    };
+    note("ttl", f.ttl.to_string(), next.ttl.to_string());
+    note(
+        "clock_drift",
+        f.clock_drift.to_string(),
+        next.clock_drift.to_string(),
+    );
+    note(
+        "maximum_lag_on_failover",
+        f.maximum_lag_on_failover.to_string(),
+        next.maximum_lag_on_failover.to_string(),
+    );
+    note(
+        "primary_start_timeout",
+        f.primary_start_timeout.to_string(),
+        next.primary_start_timeout.to_string(),
+    );
+    *f = next;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -200,6 +338,51 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "pg_hba[1]");
         assert!(serde_json::from_value::<ConfigPatch>(json!({"paramters": {}})).is_err());
+    }
+
+    #[test]
+    fn failover_settings_are_validated_and_recorded() {
+        let c = DynamicConfig::default();
+        assert_eq!(c.failover.ttl_ms(), 3000);
+        assert_eq!(c.failover.renew_interval_ms(), 500);
+        let (c1, ch) = apply_patch(
+            &c,
+            &patch(
+                json!({"ttl": "1200ms", "clock_drift": "100ms", "maximum_lag_on_failover": "16MB"}),
+            ),
+        )
+        .unwrap();
+        assert_eq!(c1.failover.ttl_ms(), 1200);
+        assert_eq!(c1.failover.drift_ms(), 100);
+        assert_eq!(c1.failover.maximum_lag_on_failover, 16 << 20);
+        assert_eq!(c1.version, 1);
+        let names: Vec<_> = ch.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["ttl", "clock_drift", "maximum_lag_on_failover"]);
+        assert_eq!(ch[0].old.as_deref(), Some("3s"));
+        for (body, field) in [
+            (json!({"ttl": "1x"}), "ttl"),
+            (json!({"ttl": "100ms"}), "ttl"),
+            (json!({"clock_drift": "2s"}), "clock_drift"),
+            (
+                json!({"maximum_lag_on_failover": true}),
+                "maximum_lag_on_failover",
+            ),
+            (
+                json!({"maximum_lag_on_failover": "lots"}),
+                "maximum_lag_on_failover",
+            ),
+            (
+                json!({"primary_start_timeout": "soon"}),
+                "primary_start_timeout",
+            ),
+        ] {
+            let e = apply_patch(&c, &patch(body.clone())).unwrap_err();
+            assert_eq!(e.field, field, "{body}: {e}");
+        }
+        // Settings from before the field existed read as the defaults.
+        let old: DynamicConfig =
+            serde_json::from_value(json!({"version": 2, "parameters": {}, "pg_hba": []})).unwrap();
+        assert_eq!(old.failover, FailoverSettings::default());
     }
 
     #[test]

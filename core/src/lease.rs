@@ -31,6 +31,11 @@ pub struct Lease {
     /// The holder stepped down cleanly: the lease is free without waiting for its expiry.
     #[serde(default)]
     pub released: bool,
+    /// A switchover: only this member may take the released lease until `reserved_until_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub successor: Option<String>,
+    #[serde(default)]
+    pub reserved_until_ms: u64,
 }
 
 /// The cluster's replicated state: the lease, the maintenance flag, the dynamic configuration
@@ -82,11 +87,18 @@ pub enum Proposal {
         ttl_ms: u64,
         lsn: Option<Lsn>,
     },
-    /// The holder stepped down cleanly (PostgreSQL stopped): the lease ends now.
+    /// The holder stepped down cleanly (PostgreSQL stopped): the lease ends now. With a
+    /// `successor` (a switchover) only that member may take it for the next `reserve_ms`.
     Release {
         node: String,
         epoch: u64,
         lsn: Option<Lsn>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        successor: Option<String>,
+        #[serde(default)]
+        now_ms: u64,
+        #[serde(default)]
+        reserve_ms: u64,
     },
     Pause,
     Resume,
@@ -114,6 +126,8 @@ pub enum Rejected {
     Expired { expires_at_ms: u64 },
     #[error("the cluster is paused (maintenance mode)")]
     Paused,
+    #[error("the lease is reserved for {successor} (a switchover) until {until_ms}")]
+    Reserved { successor: String, until_ms: u64 },
     #[error("invalid configuration: {0}")]
     BadConfig(PatchError),
 }
@@ -160,6 +174,16 @@ impl ClusterState {
                         expires_at_ms: l.expires_at_ms,
                     });
                 }
+                if let Some(l) = &self.lease {
+                    if let Some(succ) = l.successor.as_ref().filter(|s| *s != node) {
+                        if l.released && *now_ms < l.reserved_until_ms {
+                            return Err(Rejected::Reserved {
+                                successor: succ.clone(),
+                                until_ms: l.reserved_until_ms,
+                            });
+                        }
+                    }
+                }
                 let previous = self.lease.as_ref().map(|l| l.holder.clone());
                 let last_lsn = self.lease.as_ref().and_then(|l| l.last_lsn);
                 self.lease = Some(Lease {
@@ -168,6 +192,8 @@ impl ClusterState {
                     expires_at_ms: now_ms + ttl_ms,
                     last_lsn,
                     released: false,
+                    successor: None,
+                    reserved_until_ms: 0,
                 });
                 self.history.push(HolderChange {
                     epoch: *epoch,
@@ -197,9 +223,18 @@ impl ClusterState {
                 }
                 Ok(())
             }
-            Proposal::Release { node, epoch, lsn } => {
+            Proposal::Release {
+                node,
+                epoch,
+                lsn,
+                successor,
+                now_ms,
+                reserve_ms,
+            } => {
                 let l = self.holder_lease(node, *epoch)?;
                 l.released = true;
+                l.successor = successor.clone();
+                l.reserved_until_ms = now_ms + reserve_ms;
                 if lsn.is_some() {
                     l.last_lsn = l.last_lsn.max(*lsn);
                 }
@@ -344,12 +379,40 @@ mod tests {
                 node: "a".into(),
                 epoch: 1,
                 lsn: Some(Lsn(7)),
+                successor: None,
+                now_ms: 5,
+                reserve_ms: 0,
             },
             500,
         )
         .unwrap();
         s.apply(&acquire("b", 2, 10), 500).unwrap();
         assert_eq!(s.lease.as_ref().unwrap().last_lsn, Some(Lsn(7)));
+    }
+
+    #[test]
+    fn a_switchover_reserves_the_lease_for_its_successor() {
+        let mut s = ClusterState::default();
+        s.apply(&acquire("a", 1, 0), 500).unwrap();
+        let release = Proposal::Release {
+            node: "a".into(),
+            epoch: 1,
+            lsn: Some(Lsn(9)),
+            successor: Some("b".into()),
+            now_ms: 100,
+            reserve_ms: 1000,
+        };
+        s.apply(&release, 500).unwrap();
+        assert!(matches!(
+            s.apply(&acquire("c", 2, 200), 500),
+            Err(Rejected::Reserved { ref successor, .. }) if successor == "b"
+        ));
+        // After the reservation anyone may take it (the successor failed to).
+        let mut late = s.clone();
+        late.apply(&acquire("c", 2, 1100), 500).unwrap();
+        s.apply(&acquire("b", 2, 200), 500).unwrap();
+        assert_eq!(s.lease.as_ref().unwrap().holder, "b");
+        assert_eq!(s.lease.as_ref().unwrap().successor, None);
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod config;
 pub mod decide;
 pub mod duration;
 pub mod dynconfig;
+pub mod elect;
 pub mod event;
 pub mod health;
 pub mod lease;
@@ -14,5 +15,6 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgtext;
 pub mod status;
+pub mod timefmt;
 
 pub use lsn::Lsn;

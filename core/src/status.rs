@@ -49,7 +49,7 @@ pub enum DesiredRole {
 }
 
 /// The intent: the role this node should have and, for a replica, which member it follows.
-/// Today it comes from the configuration and explicit API calls; the vote will set it later.
+/// It follows from the lease (`elect::intent`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Intent {
     pub role: DesiredRole,
@@ -61,6 +61,13 @@ impl Intent {
     pub fn primary() -> Self {
         Intent {
             role: DesiredRole::Primary,
+            upstream: None,
+        }
+    }
+    /// Not writable and no primary to follow: a standby without an upstream.
+    pub fn standby() -> Self {
+        Intent {
+            role: DesiredRole::Replica,
             upstream: None,
         }
     }

@@ -1,0 +1,385 @@
+//! What this member does about the lease, and the role that follows from it: pure functions of
+//! the replicated state, this member's clocks and what it sees of the others.
+//!
+//! - `next_move`: renew, acquire, release, or wait — and why.
+//! - `intent`: the lease holder is the primary; everyone else follows the holder; a member
+//!   that lost its lease and sees no new holder runs as a standby without an upstream (read
+//!   only, never writable), so it stays a candidate when the others cannot take over.
+
+use crate::candidate::{choose, verdict, Candidate, Rules, Verdict};
+use crate::lease::ClusterState;
+use crate::status::Intent;
+
+/// What one member knows when it decides.
+#[derive(Clone, Debug)]
+pub struct Inputs<'a> {
+    pub me: &'a str,
+    pub state: &'a ClusterState,
+    /// This member's wall clock (ms since the epoch).
+    pub now_ms: u64,
+    /// This member holds a committed lease whose deadline (its monotonic clock) has not passed.
+    pub holding: bool,
+    /// Every member that runs PostgreSQL, this one included, as seen now.
+    pub candidates: &'a [Candidate],
+    pub initial_primary: &'a str,
+    /// This member's PostgreSQL runs as a writable primary.
+    pub local_primary_running: bool,
+    /// For how long this member's PostgreSQL has not been running (None: it runs).
+    pub pg_down_ms: Option<u64>,
+    /// Some other member already has a PostgreSQL cluster (so this one must not initdb).
+    pub peer_has_cluster: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Move {
+    Nothing,
+    /// Renew now (this member is the holder on record but has no running deadline, e.g. after
+    /// an agent restart).
+    Renew,
+    Acquire {
+        reason: String,
+    },
+    /// Give the lease up so that another member takes over.
+    Release {
+        reason: String,
+    },
+    /// Nothing this member can do; the reason is shown in its status.
+    Wait(String),
+}
+
+/// The failover rules for the current state.
+pub fn rules(state: &ClusterState) -> Rules {
+    Rules {
+        maximum_lag_on_failover: state.config.failover.maximum_lag_on_failover,
+        primary_lsn: state.lease.as_ref().and_then(|l| l.last_lsn),
+        sync_set: None,
+    }
+}
+
+pub fn next_move(i: &Inputs) -> Move {
+    let st = i.state;
+    let f = st.config.failover;
+    let drift = f.drift_ms();
+    if let Some(l) = &st.lease {
+        let valid = !l.released && i.now_ms < l.expires_at_ms;
+        if valid && l.holder == i.me {
+            let broken = i
+                .pg_down_ms
+                .is_some_and(|d| d > f.primary_start_timeout.0.as_millis() as u64);
+            if broken && !st.paused {
+                let others: Vec<Candidate> = i
+                    .candidates
+                    .iter()
+                    .filter(|c| c.name != i.me)
+                    .cloned()
+                    .collect();
+                if let Some(c) = choose(&others, &rules(st)) {
+                    return Move::Release {
+                        reason: format!(
+                            "PostgreSQL could not be restarted within primary_start_timeout \
+                             ({}); {} can take over",
+                            f.primary_start_timeout, c.name
+                        ),
+                    };
+                }
+            }
+            return if i.holding {
+                Move::Nothing
+            } else {
+                Move::Renew
+            };
+        }
+        if !st.acquirable(i.now_ms, drift) {
+            return Move::Nothing;
+        }
+        if l.released && i.now_ms < l.reserved_until_ms {
+            if let Some(s) = &l.successor {
+                if s != i.me {
+                    return Move::Wait(format!(
+                        "the lease is reserved for {s} (a switchover from {})",
+                        l.holder
+                    ));
+                }
+                let me = i.candidates.iter().find(|c| c.name == i.me);
+                let caught_up = match (l.last_lsn, me.and_then(|c| c.received_lsn)) {
+                    (Some(end), Some(mine)) => mine > end,
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                };
+                return if caught_up {
+                    Move::Acquire {
+                        reason: format!("switchover from {}", l.holder),
+                    }
+                } else {
+                    Move::Wait(format!(
+                        "switchover: waiting to receive {}'s WAL up to {}",
+                        l.holder,
+                        l.last_lsn.map(|l| l.to_string()).unwrap_or_default()
+                    ))
+                };
+            }
+        }
+    } else {
+        // No lease was ever granted: a new cluster, or one that ran before the lease existed.
+        if i.local_primary_running {
+            return Move::Acquire {
+                reason: "the running primary takes the cluster's first lease".into(),
+            };
+        }
+        if i.me == i.initial_primary && !i.peer_has_cluster {
+            return Move::Acquire {
+                reason: "bootstrap: the initial primary takes the first lease".into(),
+            };
+        }
+        if i.candidates.iter().all(|c| c.received_lsn.is_none()) {
+            return Move::Wait(format!(
+                "waiting for the initial primary {} to bootstrap the cluster",
+                i.initial_primary
+            ));
+        }
+    }
+    if st.paused {
+        return Move::Wait("maintenance mode: no automatic failover".into());
+    }
+    elect(i)
+}
+
+/// The lease is free: take it when this member is the best candidate.
+fn elect(i: &Inputs) -> Move {
+    let r = rules(i.state);
+    let old = i.state.lease.as_ref();
+    match choose(i.candidates, &r) {
+        Some(best) if best.name == i.me => {
+            let why = match old {
+                Some(l) if l.released => format!("{} released the lease", l.holder),
+                Some(l) => format!("the lease of {} (epoch {}) expired", l.holder, l.epoch),
+                None => "no member holds the lease".into(),
+            };
+            Move::Acquire {
+                reason: format!(
+                    "failover: {why}; {} is the best candidate (failover_priority {}, received \
+                     WAL {})",
+                    best.name,
+                    best.failover_priority,
+                    best.received_lsn.map(|l| l.to_string()).unwrap_or_default()
+                ),
+            }
+        }
+        Some(best) => Move::Wait(format!("{} is the best candidate to take over", best.name)),
+        None => {
+            let mine = i
+                .candidates
+                .iter()
+                .find(|c| c.name == i.me)
+                .map(|c| match verdict(c, &r) {
+                    Verdict::Eligible => "eligible".to_string(),
+                    Verdict::Ineligible(why) => why,
+                })
+                .unwrap_or_else(|| "not a candidate".into());
+            Move::Wait(format!(
+                "no eligible candidate to take over (this member: {mine})"
+            ))
+        }
+    }
+}
+
+/// The role this member should have.
+pub fn intent(me: &str, state: &ClusterState, holding: bool, initial_primary: &str) -> Intent {
+    if holding {
+        return Intent::primary();
+    }
+    match &state.lease {
+        Some(l) if l.holder != me => Intent::replica_of(&l.holder),
+        Some(_) => Intent::standby(),
+        None if me == initial_primary => Intent::standby(),
+        None => Intent::replica_of(initial_primary),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::{Lease, Proposal};
+    use crate::lsn::Lsn;
+    use crate::status::DesiredRole;
+
+    fn cand(name: &str, lsn: u64) -> Candidate {
+        Candidate {
+            name: name.into(),
+            healthy: true,
+            witness: false,
+            nofailover: false,
+            failover_priority: 1,
+            received_lsn: Some(Lsn(lsn)),
+        }
+    }
+
+    fn held(holder: &str, expires: u64) -> ClusterState {
+        ClusterState {
+            lease: Some(Lease {
+                holder: holder.into(),
+                epoch: 3,
+                expires_at_ms: expires,
+                last_lsn: Some(Lsn(1000)),
+                released: false,
+                successor: None,
+                reserved_until_ms: 0,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn inputs<'a>(me: &'a str, st: &'a ClusterState, now: u64, c: &'a [Candidate]) -> Inputs<'a> {
+        Inputs {
+            me,
+            state: st,
+            now_ms: now,
+            holding: false,
+            candidates: c,
+            initial_primary: "a",
+            local_primary_running: false,
+            pg_down_ms: None,
+            peer_has_cluster: true,
+        }
+    }
+
+    #[test]
+    fn the_holder_renews_and_others_wait_while_the_lease_runs() {
+        let st = held("a", 10_000);
+        let c = [cand("b", 1000), cand("c", 1000)];
+        let mut i = inputs("a", &st, 5_000, &c);
+        assert_eq!(next_move(&i), Move::Renew, "after an agent restart");
+        i.holding = true;
+        assert_eq!(next_move(&i), Move::Nothing, "the lease task renews");
+        for me in ["b", "c"] {
+            assert_eq!(next_move(&inputs(me, &st, 5_000, &c)), Move::Nothing);
+            // Expired, but not yet by the drift margin: still nothing.
+            assert_eq!(next_move(&inputs(me, &st, 10_400, &c)), Move::Nothing);
+        }
+    }
+
+    #[test]
+    fn after_expiry_plus_drift_only_the_best_candidate_acquires() {
+        let st = held("a", 10_000);
+        let c = [cand("b", 900), cand("c", 1000)];
+        let now = 10_000 + st.config.failover.drift_ms();
+        assert!(
+            matches!(next_move(&inputs("c", &st, now, &c)), Move::Acquire { reason } if reason.contains("expired"))
+        );
+        assert_eq!(
+            next_move(&inputs("b", &st, now, &c)),
+            Move::Wait("c is the best candidate to take over".into())
+        );
+        // Too far behind the old primary's last position: nobody.
+        let far = [cand("b", 1), cand("c", 2)];
+        let mut st2 = st.clone();
+        st2.config.failover.maximum_lag_on_failover = 10;
+        assert!(
+            matches!(next_move(&inputs("c", &st2, now, &far)), Move::Wait(w) if w.contains("no eligible candidate") && w.contains("maximum_lag_on_failover"))
+        );
+    }
+
+    #[test]
+    fn maintenance_mode_stops_automatic_failover_but_not_renewal() {
+        let mut st = held("a", 10_000);
+        st.paused = true;
+        let c = [cand("b", 1000)];
+        assert!(
+            matches!(next_move(&inputs("b", &st, 20_000, &c)), Move::Wait(w) if w.contains("maintenance"))
+        );
+        let mut i = inputs("a", &st, 5_000, &c);
+        i.pg_down_ms = Some(600_000);
+        assert_eq!(
+            next_move(&i),
+            Move::Renew,
+            "paused: the holder keeps its lease"
+        );
+    }
+
+    #[test]
+    fn a_holder_whose_postgres_stays_down_releases_when_someone_can_take_over() {
+        let st = held("a", 10_000);
+        let c = [cand("a", 0), cand("b", 1000)];
+        let mut i = inputs("a", &st, 5_000, &c);
+        i.holding = true;
+        i.pg_down_ms = Some(29_000);
+        assert_eq!(next_move(&i), Move::Nothing);
+        i.pg_down_ms = Some(31_000);
+        assert!(
+            matches!(next_move(&i), Move::Release { reason } if reason.contains("b can take over"))
+        );
+        let alone = [cand("a", 0)];
+        i.candidates = &alone;
+        assert_eq!(
+            next_move(&i),
+            Move::Nothing,
+            "nobody else: keep trying locally"
+        );
+    }
+
+    #[test]
+    fn a_switchover_goes_to_the_successor_once_it_has_the_last_wal() {
+        let mut st = held("a", 10_000);
+        st.apply(
+            &Proposal::Release {
+                node: "a".into(),
+                epoch: 3,
+                lsn: Some(Lsn(2000)),
+                successor: Some("c".into()),
+                now_ms: 5_000,
+                reserve_ms: 3_000,
+            },
+            500,
+        )
+        .unwrap();
+        let behind = [cand("b", 5000), cand("c", 1999)];
+        assert!(
+            matches!(next_move(&inputs("c", &st, 5_100, &behind)), Move::Wait(w) if w.contains("waiting to receive"))
+        );
+        assert!(
+            matches!(next_move(&inputs("b", &st, 5_100, &behind)), Move::Wait(w) if w.contains("reserved for c"))
+        );
+        let there = [cand("b", 5000), cand("c", 2001)];
+        assert!(
+            matches!(next_move(&inputs("c", &st, 5_100, &there)), Move::Acquire { reason } if reason == "switchover from a")
+        );
+        // The reservation ran out: an ordinary election (b has more WAL).
+        assert!(matches!(
+            next_move(&inputs("b", &st, 8_000, &behind)),
+            Move::Acquire { .. }
+        ));
+    }
+
+    #[test]
+    fn the_first_lease_goes_to_the_initial_primary_or_a_running_primary() {
+        let st = ClusterState::default();
+        let none: [Candidate; 0] = [];
+        let mut i = inputs("a", &st, 0, &none);
+        i.peer_has_cluster = false;
+        assert!(
+            matches!(next_move(&i), Move::Acquire { reason } if reason.starts_with("bootstrap"))
+        );
+        i.peer_has_cluster = true;
+        assert!(
+            matches!(next_move(&i), Move::Wait(_)),
+            "never a second initdb"
+        );
+        let mut j = inputs("b", &st, 0, &none);
+        j.local_primary_running = true;
+        assert!(matches!(next_move(&j), Move::Acquire { .. }));
+        j.local_primary_running = false;
+        assert!(matches!(next_move(&j), Move::Wait(w) if w.contains("initial primary")));
+    }
+
+    #[test]
+    fn intent_follows_the_holder() {
+        let st = held("a", 10_000);
+        assert_eq!(intent("a", &st, true, "a").role, DesiredRole::Primary);
+        assert_eq!(intent("b", &st, false, "a"), Intent::replica_of("a"));
+        // The holder on record whose deadline passed is never writable.
+        assert_eq!(intent("a", &st, false, "a"), Intent::standby());
+        let fresh = ClusterState::default();
+        assert_eq!(intent("b", &fresh, false, "a"), Intent::replica_of("a"));
+        assert_eq!(intent("a", &fresh, false, "a"), Intent::standby());
+    }
+}
