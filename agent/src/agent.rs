@@ -10,11 +10,11 @@ use crate::sys::{self, now_ms};
 use anyhow::{anyhow, Context, Result};
 use pgwarden_core::config::{AgentConfig, Member};
 use pgwarden_core::decide::{next_action, Action, DataDir, Observed, OneShot, Postmaster};
+use pgwarden_core::elect::Move;
 use pgwarden_core::pgtext::{self, RewindNeed};
 use pgwarden_core::status::{
     DesiredRole, Intent, NodeStatus, PgState, Progress, Role, WalPositions,
 };
-use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -22,9 +22,19 @@ use tokio::sync::{mpsc, oneshot};
 /// An operation requested through the API.
 #[derive(Clone, Debug)]
 pub enum Op {
-    Promote,
-    Demote { primary: String },
-    Follow { primary: String },
+    /// Hand the primary role to `candidate` (or the best replica), now or at `at_ms`.
+    Switchover {
+        candidate: Option<String>,
+        at_ms: Option<u64>,
+    },
+    /// Take the lease and promote this node when there is no healthy primary.
+    Failover,
+    /// The old holder of epoch `epoch` released the lease to this node (switchover): take it
+    /// once every WAL record it wrote has arrived, and promote.
+    Takeover {
+        from: String,
+        epoch: u64,
+    },
     Restart,
     Reinitialize,
 }
@@ -32,9 +42,9 @@ pub enum Op {
 impl Op {
     pub fn name(&self) -> &'static str {
         match self {
-            Op::Promote => "promote",
-            Op::Demote { .. } => "demote",
-            Op::Follow { .. } => "follow",
+            Op::Switchover { .. } => "switchover",
+            Op::Failover => "failover",
+            Op::Takeover { .. } => "takeover",
             Op::Restart => "restart",
             Op::Reinitialize => "reinitialize",
         }
@@ -50,11 +60,18 @@ pub struct OpError {
 }
 
 impl OpError {
-    fn new(status: u16, message: impl Into<String>) -> OpError {
+    pub fn new(status: u16, message: impl Into<String>) -> OpError {
         OpError {
             status,
             message: message.into(),
             field: None,
+        }
+    }
+    pub fn field(status: u16, field: &str, message: impl Into<String>) -> OpError {
+        OpError {
+            status,
+            message: message.into(),
+            field: Some(field.into()),
         }
     }
 }
@@ -76,6 +93,7 @@ pub struct Shared {
     pub events: EventLog,
     pub token: String,
     pub ops: mpsc::Sender<OpRequest>,
+    pub lease: crate::lease::LeaseKeeper,
 }
 
 impl Shared {
@@ -83,11 +101,17 @@ impl Shared {
         let pid = self
             .postmaster_pid
             .load(std::sync::atomic::Ordering::Relaxed);
-        self.status
+        let mut s = self
+            .status
             .read()
             .map(|s| s.clone())
             .unwrap_or_default()
-            .with_postmaster_alive(pid > 0 && sys::pid_alive(pid))
+            .with_postmaster_alive(pid > 0 && sys::pid_alive(pid));
+        // Writable only while the lease's deadline has not passed, whatever the last loop saw.
+        if s.intent.role == DesiredRole::Primary && self.lease.holding().is_none() {
+            s.intent = Intent::standby();
+        }
+        s
     }
 
     /// Every member: this node's status and the peers' from the last poll.
@@ -145,20 +169,23 @@ pub struct Agent {
     not_streaming_since: Option<Instant>,
     /// Whether each peer's agent answered at the last poll (None before the first).
     peer_reachable: Vec<Option<bool>>,
+    /// Since when PostgreSQL has not been running (with a usable data directory).
+    pg_down_since: Option<Instant>,
+    /// A switchover to run at a wall-clock time (ms), to a candidate or the best replica.
+    scheduled: Option<(u64, Option<String>)>,
+    /// The last lease decision that was a wait, for the status.
+    lease_wait: Option<String>,
+    last_lease_error: Option<String>,
 }
 
 /// How long an API operation waits on a condition it cannot change (e.g. an unreachable
 /// upstream) before answering; the agent keeps working towards the intent afterwards.
 const OP_MAX_WAIT: Duration = Duration::from_secs(30);
 
-fn intent_path(cfg: &AgentConfig) -> PathBuf {
-    PathBuf::from(&cfg.node.state_dir).join("intent.json")
-}
-
 impl Agent {
     pub fn new(shared: Arc<Shared>, pg: Pg) -> Result<Agent> {
         let cfg = shared.cfg.clone();
-        let intent = Self::initial_intent(&cfg, &pg)?;
+        let intent = Intent::standby();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_millis(
                 (cfg.node.loop_wait.0.as_millis() as u64 / 2).clamp(200, 2000),
@@ -183,33 +210,12 @@ impl Agent {
             note: None,
             not_streaming_since: None,
             peer_reachable,
+            pg_down_since: None,
+            scheduled: None,
+            lease_wait: None,
+            last_lease_error: None,
         };
-        agent.save_intent()?;
         Ok(agent)
-    }
-
-    /// The intent on record, or — on a first start — what the data directory and the
-    /// configuration say: an existing data directory is adopted in the role it has.
-    fn initial_intent(cfg: &AgentConfig, pg: &Pg) -> Result<Intent> {
-        let path = intent_path(cfg);
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return serde_json::from_str(&text)
-                .with_context(|| format!("parse {}", path.display()));
-        }
-        let initial = &cfg.cluster.initial_primary;
-        Ok(match pg.data_dir_state() {
-            DataDir::Valid {
-                standby_signal: true,
-            } => Intent::replica_of(&pg.configured_upstream().unwrap_or_else(|| initial.clone())),
-            DataDir::Valid { .. } => Intent::primary(),
-            _ if cfg.node.name == *initial => Intent::primary(),
-            _ => Intent::replica_of(initial),
-        })
-    }
-
-    fn save_intent(&self) -> Result<()> {
-        let text = serde_json::to_string_pretty(&self.intent)?;
-        sys::write_atomic(&intent_path(&self.cfg), &text)
     }
 
     fn member(&self, name: &str) -> Result<Member> {
@@ -237,6 +243,7 @@ impl Agent {
                     let _ = req.reply.send(res);
                 }
                 _ = tick.tick() => {
+                    self.run_scheduled().await;
                     self.step().await;
                 }
             }
@@ -245,68 +252,52 @@ impl Agent {
 
     async fn handle_op(&mut self, op: Op) -> Result<String, OpError> {
         let name = op.name();
-        let status = self.shared.status();
-        let other_member = |n: &str| -> Result<(), OpError> {
-            if n == self.cfg.node.name {
-                return Err(OpError {
-                    status: 422,
-                    message: format!("primary: {n:?} is this node"),
-                    field: Some("primary".into()),
-                });
-            }
-            if self.cfg.member(n).is_none() {
-                return Err(OpError {
-                    status: 422,
-                    message: format!(
-                        "primary: {n:?} is not a member ({})",
-                        self.cfg.member_names().join(", ")
-                    ),
-                    field: Some("primary".into()),
-                });
-            }
-            Ok(())
-        };
-        let has_data = matches!(self.pg.data_dir_state(), DataDir::Valid { .. });
-        match &op {
-            Op::Promote | Op::Demote { .. } if !has_data => {
-                return Err(OpError::new(
-                    409,
-                    format!("{name}: this node has no usable data directory"),
-                ));
-            }
-            _ => {}
-        }
-        match &op {
-            Op::Promote => self.intent = Intent::primary(),
-            Op::Demote { primary } => {
-                other_member(primary)?;
-                self.intent = Intent::replica_of(primary);
-            }
-            Op::Follow { primary } => {
-                other_member(primary)?;
-                if status.role == Role::Primary || self.intent.role == DesiredRole::Primary {
-                    return Err(OpError::new(
-                        409,
-                        "this node is the primary: use demote to make it follow another node",
-                    ));
-                }
-                self.intent = Intent::replica_of(primary);
-            }
-            Op::Restart => self.pending = Some(OneShot::Restart),
-            Op::Reinitialize => {
-                if self.intent.role != DesiredRole::Replica || status.role == Role::Primary {
-                    return Err(OpError::new(409, "only a replica can be reinitialized"));
-                }
-                self.pending = Some(OneShot::Reinitialize);
-            }
-        }
-        self.save_intent()
-            .map_err(|e| OpError::new(500, format!("save intent: {e:#}")))?;
-        self.note = None;
         self.shared.events.record(
             "operation",
             format!("{name} requested through the API ({op:?})"),
         );
+        self.note = None;
+        match op {
+            Op::Switchover { candidate, at_ms } => match at_ms.filter(|t| *t > now_ms()) {
+                Some(at) => {
+                    self.holder_check()?;
+                    self.poll_peers().await;
+                    let cand = self.switchover_candidate(candidate.as_deref())?;
+                    self.scheduled = Some((at, candidate.clone()));
+                    let who = candidate.unwrap_or_else(|| format!("the best replica (now {cand})"));
+                    let msg = format!(
+                        "switchover to {who} scheduled in {} s",
+                        (at - now_ms()).div_ceil(1000)
+                    );
+                    self.shared
+                        .events
+                        .record("switchover_scheduled", msg.clone());
+                    Ok(msg)
+                }
+                None => self.switchover(candidate.as_deref()).await,
+            },
+            Op::Failover => self.failover().await,
+            Op::Takeover { from, epoch } => self.takeover(&from, epoch).await,
+            Op::Restart => {
+                self.pending = Some(OneShot::Restart);
+                self.converge(name).await
+            }
+            Op::Reinitialize => {
+                let status = self.shared.status();
+                if self.intent.role != DesiredRole::Replica
+                    || self.intent.upstream.is_none()
+                    || status.role == Role::Primary
+                {
+                    return Err(OpError::new(409, "only a replica can be reinitialized"));
+                }
+                self.pending = Some(OneShot::Reinitialize);
+                self.converge(name).await
+            }
+        }
+    }
+
+    /// Runs the loop until it converges (nothing left to do), for an operation's answer.
+    async fn converge(&mut self, name: &str) -> Result<String, OpError> {
         let deadline = Instant::now()
             + self.cfg.postgresql.start_timeout.0
             + self.cfg.postgresql.stop_timeout.0
@@ -337,9 +328,9 @@ impl Agent {
                             format!("{name} is waiting: {why} (the agent keeps trying)"),
                         ));
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await
+                    tokio::time::sleep(Duration::from_millis(100)).await
                 }
-                Action::Nothing => tokio::time::sleep(Duration::from_millis(200)).await,
+                Action::Nothing => tokio::time::sleep(Duration::from_millis(100)).await,
                 _ => waiting_since = None,
             }
             if Instant::now() > deadline {
@@ -351,13 +342,393 @@ impl Agent {
         }
     }
 
+    /// This node must hold the lease and run a writable primary.
+    fn holder_check(&self) -> Result<u64, OpError> {
+        let Some(epoch) = self.shared.lease.holding() else {
+            return Err(OpError::new(409, "this node does not hold the lease"));
+        };
+        if !self.shared.status().is_writable_primary() {
+            return Err(OpError::new(
+                409,
+                "PostgreSQL does not run as a writable primary here",
+            ));
+        }
+        Ok(epoch)
+    }
+
+    /// The replica a switchover hands over to: the one asked for, checked, or the best one
+    /// by the failover rules.
+    fn switchover_candidate(&self, asked: Option<&str>) -> Result<String, OpError> {
+        use pgwarden_core::candidate::{choose, verdict, Verdict};
+        let me = self.shared.status();
+        let mut rules = pgwarden_core::elect::rules(&self.shared.consensus.sm.state());
+        rules.primary_lsn = me.wal.write;
+        let cands: Vec<_> = candidates(&me, &self.peers)
+            .into_iter()
+            .filter(|c| c.name != me.name)
+            .collect();
+        let Some(name) = asked else {
+            return choose(&cands, &rules).map(|c| c.name.clone()).ok_or_else(|| {
+                OpError::new(409, "no replica is eligible for a switchover (see failover_readiness in the status)")
+            });
+        };
+        let bad = |code: u16, m: String| OpError::field(code, "candidate", m);
+        if name == me.name {
+            return Err(bad(422, format!("{name} is already the primary")));
+        }
+        if self.cfg.member(name).is_none() {
+            return Err(bad(
+                422,
+                format!(
+                    "{name:?} is not a member ({})",
+                    self.cfg.member_names().join(", ")
+                ),
+            ));
+        }
+        let Some(st) = self.peer_status(name) else {
+            return Err(bad(409, format!("{name}'s agent does not answer")));
+        };
+        if !st.is_streaming() || st.upstream.as_deref() != Some(me.name.as_str()) {
+            return Err(bad(
+                409,
+                format!(
+                    "{name} is not streaming from the primary {} (it is {:?}/{:?}, WAL receiver {}, \
+                     upstream {})",
+                    me.name,
+                    st.role,
+                    st.state,
+                    st.wal_receiver
+                        .as_ref()
+                        .map_or("none", |w| w.status.as_str()),
+                    st.upstream.as_deref().unwrap_or("none")
+                ),
+            ));
+        }
+        let c = cands
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| bad(409, format!("{name} is not a candidate")))?;
+        match verdict(c, &rules) {
+            Verdict::Eligible => Ok(name.to_string()),
+            Verdict::Ineligible(why) => Err(bad(409, format!("{name} cannot be promoted: {why}"))),
+        }
+    }
+
+    /// The planned switchover, on the lease holder: checkpoint, clean shutdown (the WAL
+    /// senders send every record before PostgreSQL exits), release the lease to the candidate
+    /// with the final WAL position, let the candidate take over, then follow it.
+    async fn switchover(&mut self, asked: Option<&str>) -> Result<String, OpError> {
+        let epoch = self.holder_check()?;
+        // Judge the candidate on fresh statuses, not on the last loop's.
+        self.poll_peers().await;
+        let cand = self.switchover_candidate(asked)?;
+        let up = self
+            .member(&cand)
+            .map_err(|e| OpError::new(422, format!("{e:#}")))?;
+        let me = self.cfg.node.name.clone();
+        // A checkpoint now makes the shutdown checkpoint (inside the write gap) short.
+        if let Ok(c) = self.pg.connect().await {
+            let _ = c.batch_execute("CHECKPOINT").await;
+        }
+        let t0 = Instant::now();
+        self.set_state(PgState::Stopping);
+        let clean = self
+            .pg
+            .stop(true)
+            .await
+            .map_err(|e| OpError::new(500, format!("stop PostgreSQL: {e:#}")))?;
+        let end = self.pg.controldata().await.ok().map(|cd| cd.checkpoint_lsn);
+        self.shared.events.record(
+            "postgres_stopped",
+            format!(
+                "stopped for a switchover to {cand} (clean: {clean}, WAL ends at {})",
+                end.map(|l| l.to_string()).unwrap_or_default()
+            ),
+        );
+        if let Err(e) = crate::lease::release(
+            &self.shared,
+            end,
+            Some(cand.clone()),
+            &format!("switchover to {cand}"),
+        )
+        .await
+        {
+            self.state_override = None;
+            return Err(OpError::new(
+                500,
+                format!(
+                    "switchover: PostgreSQL stopped but the lease could not be released ({e:#}); \
+                     when it runs out the members elect a primary"
+                ),
+            ));
+        }
+        let body = serde_json::json!({ "from": me, "epoch": epoch });
+        let addr = format!("{}:{}", up.host, up.api_port);
+        let res = self
+            .shared
+            .consensus
+            .call(&addr, "/v1/takeover", &body, Duration::from_secs(120))
+            .await;
+        let gap = t0.elapsed();
+        self.state_override = None;
+        let took = match res {
+            Ok((200, v)) => v["message"].as_str().unwrap_or("").to_string(),
+            Ok((code, v)) => {
+                let detail = v["detail"].as_str().unwrap_or("").to_string();
+                return Err(OpError::new(
+                    502,
+                    format!(
+                        "switchover: {cand} did not take over ({code}: {detail}); the lease is \
+                         reserved for it for a while, then the best member takes it"
+                    ),
+                ));
+            }
+            Err(e) => {
+                return Err(OpError::new(
+                    502,
+                    format!(
+                        "switchover: {cand} did not answer ({e:#}); the lease is reserved for it \
+                         for a while, then the best member takes it"
+                    ),
+                ))
+            }
+        };
+        self.shared.events.record(
+            "switchover",
+            format!(
+                "switched over from {me} to {cand}: {} ms from the shutdown to the new primary",
+                gap.as_millis()
+            ),
+        );
+        self.converge("switchover").await?;
+        Ok(format!(
+            "switched over from {me} to {cand} in {} ms; {me}'s WAL ended at {}; {took}",
+            gap.as_millis(),
+            end.map(|l| l.to_string()).unwrap_or_default()
+        ))
+    }
+
+    /// On the switchover candidate: wait until the old holder's release is visible here and
+    /// every WAL record it wrote has arrived, take the lease, promote.
+    async fn takeover(&mut self, from: &str, epoch: u64) -> Result<String, OpError> {
+        let me = self.cfg.node.name.clone();
+        let t0 = Instant::now();
+        let end = loop {
+            let st = self.shared.consensus.sm.state();
+            match &st.lease {
+                Some(l) if l.epoch == epoch && l.released => {
+                    if l.successor.as_deref() != Some(me.as_str()) {
+                        return Err(OpError::new(
+                            409,
+                            format!(
+                                "epoch {epoch} was released to {:?}, not to {me}",
+                                l.successor
+                            ),
+                        ));
+                    }
+                    break l.last_lsn;
+                }
+                Some(l) if l.epoch > epoch => {
+                    if l.holder == me {
+                        return self.converge("takeover").await;
+                    }
+                    return Err(OpError::new(
+                        409,
+                        format!("stale epoch {epoch}: the lease is at epoch {}", l.epoch),
+                    ));
+                }
+                _ if t0.elapsed() > Duration::from_secs(3) => {
+                    return Err(OpError::new(
+                        409,
+                        format!("{from} did not release epoch {epoch} to {me}"),
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        };
+        if let Some(end) = end {
+            loop {
+                match self.pg.received_lsn().await {
+                    Ok(Some(l)) if l > end => break,
+                    _ if t0.elapsed() > Duration::from_secs(15) => {
+                        return Err(OpError::new(
+                            409,
+                            format!("{me} did not receive {from}'s WAL up to {end}"),
+                        ))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                }
+            }
+        }
+        crate::lease::acquire(&self.shared, &format!("switchover from {from}"), true)
+            .await
+            .map_err(|e| OpError::new(409, format!("take the lease: {e:#}")))?;
+        self.converge("takeover").await?;
+        Ok(format!(
+            "{me} took the lease and was promoted {} ms after {from} released it",
+            t0.elapsed().as_millis()
+        ))
+    }
+
+    /// An operator's failover to this node: allowed when no healthy primary holds the lease
+    /// (also in maintenance mode); waits for an expiring lease to run out.
+    async fn failover(&mut self) -> Result<String, OpError> {
+        let me = self.cfg.node.name.clone();
+        let t0 = Instant::now();
+        loop {
+            if self.shared.lease.holding().is_some() {
+                return self.converge("failover").await;
+            }
+            let st = self.shared.consensus.sm.state();
+            let drift = st.config.failover.drift_ms();
+            let status = self.shared.status();
+            if st.acquirable(now_ms(), drift) {
+                if !status.is_running_replica() {
+                    return Err(OpError::field(
+                        409,
+                        "candidate",
+                        format!("{me}: PostgreSQL does not run as a replica here"),
+                    ));
+                }
+                let epoch = crate::lease::acquire(&self.shared, "manual failover", true)
+                    .await
+                    .map_err(|e| OpError::new(409, format!("take the lease: {e:#}")))?;
+                self.converge("failover").await?;
+                return Ok(format!(
+                    "{me} took the lease (epoch {epoch}) and was promoted {} ms after the request",
+                    t0.elapsed().as_millis()
+                ));
+            }
+            let holder = st
+                .lease
+                .as_ref()
+                .map(|l| l.holder.clone())
+                .unwrap_or_default();
+            if self
+                .peer_status(&holder)
+                .is_some_and(|p| p.is_writable_primary())
+            {
+                return Err(OpError::new(
+                    409,
+                    format!("{holder} is a healthy primary holding the lease: use a switchover"),
+                ));
+            }
+            let limit = Duration::from_millis(st.config.failover.ttl_ms() + drift) * 2
+                + Duration::from_secs(5);
+            if t0.elapsed() > limit {
+                return Err(OpError::new(
+                    409,
+                    format!(
+                        "{holder} still holds the lease (its agent renews it while it restarts \
+                         PostgreSQL, up to primary_start_timeout); try again later"
+                    ),
+                ));
+            }
+            self.poll_peers().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs a scheduled switchover when it is due.
+    async fn run_scheduled(&mut self) {
+        let Some((at, cand)) = self.scheduled.clone() else {
+            return;
+        };
+        if now_ms() < at {
+            return;
+        }
+        self.scheduled = None;
+        if self.shared.lease.holding().is_none() {
+            self.shared.events.record(
+                "switchover_failed",
+                "the scheduled switchover was dropped: this node no longer holds the lease",
+            );
+            return;
+        }
+        match self.switchover(cand.as_deref()).await {
+            Ok(m) => self.shared.events.record("switchover_done", m),
+            Err(e) => self.shared.events.record(
+                "switchover_failed",
+                format!("scheduled switchover: {}", e.message),
+            ),
+        }
+    }
+
+    /// The lease part of a round: renew, acquire or release as `elect::next_move` says, then
+    /// derive the intent from the lease.
+    async fn lease_step(&mut self) {
+        let st = self.shared.consensus.sm.state();
+        let me = self.shared.status();
+        let cands = candidates(&me, &self.peers);
+        let inputs = pgwarden_core::elect::Inputs {
+            me: &self.cfg.node.name,
+            state: &st,
+            now_ms: now_ms(),
+            holding: self.shared.lease.holding().is_some(),
+            candidates: &cands,
+            initial_primary: &self.cfg.cluster.initial_primary,
+            local_primary_running: me.role == Role::Primary && me.state == PgState::Running,
+            pg_down_ms: self.pg_down_since.map(|t| t.elapsed().as_millis() as u64),
+            peer_has_cluster: self.peer_has_cluster(),
+        };
+        let mv = pgwarden_core::elect::next_move(&inputs);
+        self.lease_wait = None;
+        let res = match mv {
+            Move::Nothing => Ok(()),
+            Move::Wait(w) => {
+                self.lease_wait = Some(w);
+                Ok(())
+            }
+            Move::Renew => crate::lease::renew(&self.shared).await,
+            Move::Acquire { reason } => crate::lease::acquire(&self.shared, &reason, false)
+                .await
+                .map(|_| ()),
+            Move::Release { reason } => {
+                crate::lease::release(&self.shared, None, None, &reason).await
+            }
+        };
+        match res {
+            Ok(()) => self.last_lease_error = None,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                if self.last_lease_error.as_deref() != Some(&msg) {
+                    tracing::info!(error = %msg, "lease");
+                }
+                self.last_lease_error = Some(msg);
+            }
+        }
+        let st = self.shared.consensus.sm.state();
+        self.intent = pgwarden_core::elect::intent(
+            &self.cfg.node.name,
+            &st,
+            self.shared.lease.holding().is_some(),
+            &self.cfg.cluster.initial_primary,
+        );
+    }
+
+    fn peer_has_cluster(&self) -> bool {
+        self.peers.iter().any(|(_, s)| {
+            s.as_ref()
+                .is_some_and(|s| s.system_identifier.is_some() || s.state == PgState::Running)
+        })
+    }
+
+    /// Refuses to make PostgreSQL writable without the lease.
+    fn require_lease(&self, what: &str) -> Result<u64> {
+        self.shared
+            .lease
+            .holding()
+            .ok_or_else(|| anyhow!("{what}: this node does not hold the lease (any more)"))
+    }
+
     /// One observe → decide → execute round. Returns the action it took.
     pub async fn step(&mut self) -> Action {
         let obs = self.observe().await;
+        self.lease_step().await;
         let action = next_action(&self.intent, &obs, self.pending);
         let waiting = match &action {
             Action::Wait(w) => Some(w.clone()),
-            _ => None,
+            _ => self.lease_wait.clone(),
         };
         self.shared.update(|s| s.waiting_for = waiting);
         match &action {
@@ -446,12 +817,28 @@ impl Agent {
     }
 
     async fn observe(&mut self) -> Observed {
+        let last_pid = self
+            .shared
+            .postmaster_pid
+            .load(std::sync::atomic::Ordering::Relaxed);
         if let Some(how) = self.pg.check_exit() {
-            self.crash_restarts += 1;
-            self.shared.events.record(
-                "postgres_crashed",
-                format!("the postmaster died ({how}); restarting it in place"),
-            );
+            let stopped = self
+                .shared
+                .lease
+                .stopped_postgres
+                .swap(0, std::sync::atomic::Ordering::Relaxed);
+            if stopped != 0 && stopped == last_pid {
+                self.shared.events.record(
+                    "postgres_stopped",
+                    format!("PostgreSQL stopped at the end of the lease ({how})"),
+                );
+            } else {
+                self.crash_restarts += 1;
+                self.shared.events.record(
+                    "postgres_crashed",
+                    format!("the postmaster died ({how}); restarting it in place"),
+                );
+            }
         }
         self.poll_peers().await;
         self.publish_pid();
@@ -474,6 +861,11 @@ impl Agent {
         } else {
             Postmaster::Stopped
         };
+        if postmaster == Postmaster::Stopped && matches!(data_dir, DataDir::Valid { .. }) {
+            self.pg_down_since.get_or_insert_with(Instant::now);
+        } else {
+            self.pg_down_since = None;
+        }
         if let Some(st) = &sql {
             if let Err(e) = self.pg.maintain_slots(st.in_recovery).await {
                 tracing::warn!(error = %format!("{e:#}"), "maintain replication slots");
@@ -511,17 +903,15 @@ impl Agent {
             (Some(st), Some(up))
                 if stuck
                     && following == upstream
-                    && up.timeline > st.timeline
+                    && up.timeline.is_some()
+                    && up.timeline != st.timeline
                     && st.wal_receiver.as_ref().and_then(|w| w.received_tli) != up.timeline =>
             {
                 self.check_diverged(st).await
             }
             _ => false,
         };
-        let peer_has_cluster = self.peers.iter().any(|(_, s)| {
-            s.as_ref()
-                .is_some_and(|s| s.system_identifier.is_some() || s.state == PgState::Running)
-        });
+        let peer_has_cluster = self.peer_has_cluster();
         self.publish(&data_dir, postmaster, sql.as_ref(), following.clone());
         Observed {
             data_dir,
@@ -717,44 +1107,26 @@ impl Agent {
     /// Whether the cluster could fail over right now: a majority agrees on a Raft leader and
     /// some member other than the primary is an eligible candidate (`core::candidate`).
     fn readiness(&self, me: &NodeStatus, quorum: bool) -> pgwarden_core::candidate::Readiness {
-        use pgwarden_core::candidate::{
-            readiness, Candidate, Rules, DEFAULT_MAXIMUM_LAG_ON_FAILOVER,
-        };
-        let members: Vec<(String, Option<&NodeStatus>)> =
-            std::iter::once((me.name.clone(), Some(me)))
-                .chain(self.peers.iter().map(|(m, s)| (m.name.clone(), s.as_ref())))
-                .collect();
-        let primary = members
-            .iter()
-            .find(|(_, s)| s.is_some_and(|s| s.is_writable_primary()));
-        let candidates: Vec<Candidate> = members
-            .iter()
-            .filter(|(n, _)| primary.is_none_or(|(p, _)| p != n))
-            .map(|(name, s)| match s {
-                Some(s) => Candidate {
-                    name: name.clone(),
-                    healthy: s.is_running_replica(),
-                    witness: false,
-                    nofailover: s.tags.nofailover,
-                    failover_priority: s.tags.effective_failover_priority(),
-                    received_lsn: s.wal.received.or(s.wal.replayed),
-                },
-                None => Candidate {
-                    name: name.clone(),
-                    healthy: false,
-                    witness: false,
-                    nofailover: false,
-                    failover_priority: 0,
-                    received_lsn: None,
-                },
-            })
+        let all = candidates(me, &self.peers);
+        let statuses: Vec<&NodeStatus> = std::iter::once(me)
+            .chain(self.peers.iter().filter_map(|(_, s)| s.as_ref()))
             .collect();
-        let rules = Rules {
-            maximum_lag_on_failover: DEFAULT_MAXIMUM_LAG_ON_FAILOVER,
-            primary_lsn: primary.and_then(|(_, s)| s.and_then(|s| s.wal.write)),
-            sync_set: None,
-        };
-        readiness(&candidates, quorum, &rules)
+        let primary = statuses.iter().find(|s| s.is_writable_primary());
+        let cands: Vec<_> = all
+            .into_iter()
+            .filter(|c| primary.is_none_or(|p| p.name != c.name))
+            .collect();
+        let mut rules = pgwarden_core::elect::rules(&self.shared.consensus.sm.state());
+        if let Some(p) = primary {
+            rules.primary_lsn = p.wal.write.or(rules.primary_lsn);
+        }
+        let mut r = pgwarden_core::candidate::readiness(&cands, quorum, &rules);
+        if self.shared.consensus.sm.state().paused {
+            r.ready = false;
+            r.reasons
+                .insert(0, "maintenance mode: automatic failover is off".into());
+        }
+        r
     }
 
     fn set_state(&mut self, st: PgState) {
@@ -770,6 +1142,7 @@ impl Agent {
         match action {
             Action::Nothing | Action::Wait(_) | Action::Refuse(_) => Ok(()),
             Action::Bootstrap => {
+                self.require_lease("initdb")?;
                 self.set_state(PgState::Bootstrapping);
                 self.pg.initdb().await.context("initdb")?;
                 self.shared
@@ -794,6 +1167,7 @@ impl Agent {
                         self.start_standby_of(&up, false).await?;
                     }
                     None => {
+                        self.require_lease("start as primary")?;
                         self.pg.write_config(None)?;
                         self.pg.start().await.context("start postgres")?;
                     }
@@ -810,10 +1184,32 @@ impl Agent {
                 self.shared.events.record("postgres_started", how);
                 Ok(())
             }
+            Action::StartStandby => {
+                self.pg.write_standby_config()?;
+                self.pg.start().await.context("start as a standby")?;
+                self.shared.events.record(
+                    "postgres_started",
+                    "started as a standby without an upstream (no primary holds the lease)",
+                );
+                Ok(())
+            }
+            Action::StepDown => {
+                self.set_state(PgState::Stopping);
+                self.pg.stop(false).await?;
+                self.shared.events.record(
+                    "stepped_down",
+                    "PostgreSQL ran as a writable primary without the lease: stopped at once",
+                );
+                Ok(())
+            }
             Action::Promote => {
+                let epoch = self.require_lease("promote")?;
                 self.pg.promote().await?;
                 self.pg.ensure_roles().await?;
-                ev.record("promoted", "promoted to primary");
+                ev.record(
+                    "promoted",
+                    format!("promoted to primary (lease epoch {epoch})"),
+                );
                 // The first checkpoint on the new timeline lets others pg_rewind from here.
                 let me = self.cfg.me().clone();
                 let client = self.pg.connect_member(&me).await;
@@ -824,25 +1220,6 @@ impl Agent {
                         }
                     }
                 });
-                Ok(())
-            }
-            Action::Demote { follow } => {
-                let up = self.member(follow)?;
-                self.set_state(PgState::Stopping);
-                let clean = self.pg.stop(true).await?;
-                let end = self.pg.controldata().await.ok().map(|cd| cd.checkpoint_lsn);
-                let end = end
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "unknown".into());
-                self.shared.events.record(
-                    "postgres_stopped",
-                    format!("stopped for demotion (clean: {clean}, final checkpoint at {end})"),
-                );
-                self.note = Some(format!("demoted; the old primary's WAL ends at {end}"));
-                self.start_standby_of(&up, false).await?;
-                self.shared
-                    .events
-                    .record("demoted", format!("demoted; now a standby of {follow}"));
                 Ok(())
             }
             Action::Follow { upstream } => {
@@ -978,8 +1355,10 @@ impl Agent {
         let need = if force {
             RewindNeed::Yes("the replica's WAL diverged from its upstream".into())
         } else {
+            // A promotion reaches the control file only with the next checkpoint: a primary
+            // stopped before that has a newer timeline only in its WAL (a .history file).
             pgtext::rewind_need(
-                cd.checkpoint_timeline,
+                cd.checkpoint_timeline.max(self.pg.newest_local_timeline()),
                 pgtext::known_end_of_wal(&cd),
                 tli,
                 &hist,
@@ -1015,4 +1394,34 @@ impl Agent {
             }
         }
     }
+}
+
+/// Every member as a failover candidate: this node from its own status, the peers from their
+/// last answers (no answer: not healthy).
+fn candidates(
+    me: &NodeStatus,
+    peers: &[(Member, Option<NodeStatus>)],
+) -> Vec<pgwarden_core::candidate::Candidate> {
+    use pgwarden_core::candidate::Candidate;
+    let of = |name: &str, s: Option<&NodeStatus>| match s {
+        Some(s) => Candidate {
+            name: name.to_string(),
+            healthy: s.is_running_replica(),
+            witness: false,
+            nofailover: s.tags.nofailover,
+            failover_priority: s.tags.effective_failover_priority(),
+            received_lsn: s.wal.received.max(s.wal.replayed),
+        },
+        None => Candidate {
+            name: name.to_string(),
+            healthy: false,
+            witness: false,
+            nofailover: false,
+            failover_priority: 0,
+            received_lsn: None,
+        },
+    };
+    std::iter::once(of(&me.name, Some(me)))
+        .chain(peers.iter().map(|(m, s)| of(&m.name, s.as_ref())))
+        .collect()
 }

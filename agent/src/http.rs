@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use pgwarden_core::api::{DemoteRequest, FollowRequest, OperationResult, Problem};
+use pgwarden_core::api::{FailoverRequest, OperationResult, Problem, SwitchoverRequest};
 use pgwarden_core::health::{self, Check, CheckOptions, Clock};
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,9 +92,9 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status_handler))
         .route("/v1/events", get(events_handler))
         .route("/v1/cluster", get(cluster_handler))
-        .route("/v1/promote", post(promote))
-        .route("/v1/demote", post(demote))
-        .route("/v1/follow", post(follow))
+        .route("/v1/switchover", post(switchover))
+        .route("/v1/failover", post(failover))
+        .route("/v1/takeover", post(takeover))
         .route("/v1/restart", post(restart))
         .route("/v1/reinitialize", post(reinitialize))
         .route("/v1/config", get(get_config).patch(patch_config))
@@ -230,14 +230,157 @@ async fn run_op(shared: Arc<Shared>, op: Op) -> Response {
     }
 }
 
-async fn promote(State(s): State<Arc<Shared>>) -> Response {
-    run_op(s, Op::Promote).await
+#[derive(serde::Deserialize, Default)]
+struct Forwarded {
+    #[serde(default)]
+    forwarded: bool,
 }
-async fn demote(State(s): State<Arc<Shared>>, ApiJson(r): ApiJson<DemoteRequest>) -> Response {
-    run_op(s, Op::Demote { primary: r.primary }).await
+
+/// Relays a request to another member's API and its answer back.
+async fn relay(shared: &Shared, member: &str, path: &str, body: serde_json::Value) -> Response {
+    let Some(m) = shared.cfg.member(member) else {
+        return problem(Problem::new(500, "Unknown member", member.to_string()));
+    };
+    let addr = format!("{}:{}", m.host, m.api_port);
+    match shared
+        .consensus
+        .call(&addr, path, &body, Duration::from_secs(600))
+        .await
+    {
+        Ok((code, v)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut r = (status, Json(v)).into_response();
+            if code >= 400 {
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/problem+json"),
+                );
+            }
+            r
+        }
+        Err(e) => problem(Problem::new(
+            502,
+            "Member unreachable",
+            format!("{member}'s agent does not answer: {e:#}"),
+        )),
+    }
 }
-async fn follow(State(s): State<Arc<Shared>>, ApiJson(r): ApiJson<FollowRequest>) -> Response {
-    run_op(s, Op::Follow { primary: r.primary }).await
+
+/// `POST /v1/switchover`: runs on the lease holder; any other member forwards it there.
+async fn switchover(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<Forwarded>,
+    ApiJson(r): ApiJson<SwitchoverRequest>,
+) -> Response {
+    let at_ms = match r.scheduled_at.as_deref() {
+        None => None,
+        Some(t) => match pgwarden_core::timefmt::parse_rfc3339_ms(t) {
+            Ok(ms) => Some(ms),
+            Err(e) => {
+                return problem(Problem::new(422, "Invalid request body", e).field("scheduled_at"))
+            }
+        },
+    };
+    if let Some(c) = &r.candidate {
+        if s.cfg.member(c).is_none() {
+            return problem(
+                Problem::new(
+                    422,
+                    "Invalid request body",
+                    format!(
+                        "{c:?} is not a member ({})",
+                        s.cfg.member_names().join(", ")
+                    ),
+                )
+                .field("candidate"),
+            );
+        }
+    }
+    if s.lease.holding().is_none() {
+        let st = s.consensus.sm.state();
+        let holder = st
+            .lease
+            .as_ref()
+            .filter(|l| !l.released && now_ms() < l.expires_at_ms)
+            .map(|l| l.holder.clone());
+        return match holder {
+            Some(h) if h != s.cfg.node.name && !q.forwarded => {
+                let body = serde_json::to_value(&r).unwrap_or_default();
+                relay(&s, &h, "/v1/switchover?forwarded=true", body).await
+            }
+            _ => problem(Problem::new(
+                409,
+                "No primary",
+                "no member holds the lease: there is no primary to switch over from (use a failover)",
+            )),
+        };
+    }
+    let scheduled = at_ms.is_some_and(|t| t > now_ms());
+    let mut resp = run_op(
+        s,
+        Op::Switchover {
+            candidate: r.candidate,
+            at_ms,
+        },
+    )
+    .await;
+    if scheduled && resp.status() == StatusCode::OK {
+        *resp.status_mut() = StatusCode::ACCEPTED;
+    }
+    resp
+}
+
+/// `POST /v1/failover`: runs on the candidate; any other member forwards it there.
+async fn failover(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<Forwarded>,
+    ApiJson(r): ApiJson<FailoverRequest>,
+) -> Response {
+    if s.cfg.member(&r.candidate).is_none() {
+        return problem(
+            Problem::new(
+                422,
+                "Invalid request body",
+                format!(
+                    "{:?} is not a member ({})",
+                    r.candidate,
+                    s.cfg.member_names().join(", ")
+                ),
+            )
+            .field("candidate"),
+        );
+    }
+    if r.candidate != s.cfg.node.name {
+        if q.forwarded {
+            return problem(Problem::new(
+                409,
+                "Misrouted",
+                "forwarded to the wrong member",
+            ));
+        }
+        let body = serde_json::to_value(&r).unwrap_or_default();
+        return relay(&s, &r.candidate, "/v1/failover?forwarded=true", body).await;
+    }
+    run_op(s, Op::Failover).await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TakeoverRequest {
+    from: String,
+    epoch: u64,
+}
+
+/// `POST /v1/takeover` (between agents): the old holder released the lease to this member.
+async fn takeover(State(s): State<Arc<Shared>>, ApiJson(r): ApiJson<TakeoverRequest>) -> Response {
+    run_op(
+        s,
+        Op::Takeover {
+            from: r.from,
+            epoch: r.epoch,
+        },
+    )
+    .await
 }
 async fn restart(State(s): State<Arc<Shared>>) -> Response {
     run_op(s, Op::Restart).await

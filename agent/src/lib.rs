@@ -4,7 +4,9 @@
 pub mod agent;
 pub mod certs;
 pub mod events;
+pub mod guard;
 pub mod http;
+pub mod lease;
 pub mod pg;
 pub mod raft;
 pub mod sys;

@@ -33,6 +33,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
+    /// The lease guard (started by the agent): stops a writable PostgreSQL when the lease
+    /// deadline passes while the agent is dead.
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,8 +144,21 @@ fn load(path: &Path) -> Result<(AgentConfig, Secrets), String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Cmd::Certs { cmd }) = cli.cmd {
-        return certs_cmd(cmd);
+    match cli.cmd {
+        Some(Cmd::Certs { cmd }) => return certs_cmd(cmd),
+        Some(Cmd::Guard {
+            state_dir,
+            data_dir,
+        }) => {
+            return match pgwarden_agent::guard::run(&state_dir, &data_dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {}
     }
     let (cfg, secrets) = match load(&cli.config) {
         Ok(v) => v,
@@ -220,7 +242,16 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
         ),
         token: secrets.token,
         ops: tx,
+        lease: pgwarden_agent::lease::LeaseKeeper::new(
+            &cfg.node.name,
+            &cfg.node.state_dir,
+            &cfg.postgresql.data_dir,
+        ),
     });
+    pgwarden_agent::guard::ensure(
+        Path::new(&cfg.node.state_dir),
+        Path::new(&cfg.postgresql.data_dir),
+    )?;
     let health = tokio::net::TcpListener::bind(cfg.health_listen())
         .await
         .with_context(|| format!("listen on {} (health)", cfg.health_listen()))?;
@@ -257,6 +288,7 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
         r = h => r.context("health server")?,
         r = a => r.context("api server")?,
         _ = agent.run(rx) => {},
+        _ = pgwarden_agent::lease::run(shared.clone()) => {},
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; leaving PostgreSQL running"),
         _ = term.recv() => tracing::info!("terminated; leaving PostgreSQL running"),
     }

@@ -278,6 +278,33 @@ impl Pg {
         Ok(())
     }
 
+    /// The newest timeline this data directory has a history file for in `pg_wal` (1 when
+    /// none): a promotion writes it at once, the control file only at the next checkpoint.
+    pub fn newest_local_timeline(&self) -> u32 {
+        std::fs::read_dir(self.data.join("pg_wal"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        let hex = name.strip_suffix(".history")?;
+                        u32::from_str_radix(hex, 16).ok()
+                    })
+                    .max()
+                    .unwrap_or(1)
+            })
+            .unwrap_or(1)
+    }
+
+    /// Writes the configuration for a standby without an upstream: read-only, waiting for a
+    /// primary to follow.
+    pub fn write_standby_config(&self) -> Result<()> {
+        self.write_conf_files()?;
+        self.write_upstream(None)?;
+        let sig = self.data.join("standby.signal");
+        std::fs::write(&sig, "").context("write standby.signal")?;
+        sys::set_owner_mode(&sig, self.owner, 0o600)
+    }
+
     /// Writes the generated `postgresql.conf` and `pg_hba.conf` (node file plus the cluster's
     /// dynamic configuration).
     pub fn write_conf_files(&self) -> Result<()> {
@@ -334,6 +361,9 @@ impl Pg {
     pub async fn start(&mut self) -> Result<()> {
         if self.adopt_running().is_some() {
             return self.wait_ready().await;
+        }
+        if sys::failpoint("postgres_start") {
+            bail!("PostgreSQL did not start (failpoint postgres_start)");
         }
         // A postmaster killed a moment ago may still hold the lock file and shared memory.
         if let Ok(text) = std::fs::read_to_string(self.data.join("postmaster.pid")) {
@@ -557,14 +587,43 @@ impl Pg {
         Ok(st)
     }
 
-    pub async fn promote(&mut self) -> Result<()> {
+    /// The last WAL position a standby received (or replayed, when nothing streamed yet).
+    pub async fn received_lsn(&mut self) -> Result<Option<Lsn>> {
         let c = self.connect().await?;
         let row = c
-            .query_one("SELECT pg_promote(true, 60)", &[])
+            .query_one(
+                "SELECT pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text",
+                &[],
+            )
+            .await
+            .context("read the received WAL position")?;
+        let parse = |i: usize| {
+            col::<Option<String>>(&row, i)
+                .flatten()
+                .and_then(|t| t.parse::<Lsn>().ok())
+        };
+        Ok(parse(0).max(parse(1)))
+    }
+
+    pub async fn promote(&mut self) -> Result<()> {
+        let c = self.connect().await?;
+        // Ask without waiting, then poll closely: pg_promote(true) only checks every 100 ms.
+        c.query_one("SELECT pg_promote(false)", &[])
             .await
             .context("pg_promote")?;
-        if !col::<bool>(&row, 0).unwrap_or(false) {
-            bail!("pg_promote did not finish within 60 s");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let row = c
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .context("pg_is_in_recovery")?;
+            if !col::<bool>(&row, 0).unwrap_or(true) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the promotion did not finish within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         for stmt in [
             "ALTER SYSTEM RESET primary_conninfo",

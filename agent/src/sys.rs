@@ -11,6 +11,22 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// CLOCK_MONOTONIC in milliseconds: the same clock in every process of the host, never set
+/// back, so the agent and its guard compare lease deadlines with it.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own; CLOCK_MONOTONIC always exists.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     #[allow(unsafe_code)]
@@ -89,8 +105,14 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
 
 /// Failpoints force rare paths in tests: `PGWARDEN_FAILPOINTS=pg_rewind` makes that step fail.
 /// Unset in production, where this always returns false.
+///
+/// With `PGWARDEN_FAILPOINT_FILE` set (to a path), the names listed in that file count too,
+/// read at each check, so a test can turn a failpoint on and off on one node while it runs.
 pub fn failpoint(name: &str) -> bool {
-    std::env::var("PGWARDEN_FAILPOINTS")
-        .map(|v| v.split(',').any(|f| f.trim() == name))
-        .unwrap_or(false)
+    let listed = |v: &str| v.split([',', '\n']).any(|f| f.trim() == name);
+    std::env::var("PGWARDEN_FAILPOINTS").is_ok_and(|v| listed(&v))
+        || std::env::var("PGWARDEN_FAILPOINT_FILE")
+            .ok()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|v| listed(&v))
 }

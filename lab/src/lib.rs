@@ -447,6 +447,8 @@ log_line_prefix = "%m [%p] %q%a "
             None => Command::new(&self.agent_bin),
         };
         cmd.envs(self.agent_env.iter().cloned());
+        // Relative paths in the agent's environment (a failpoint file) are per node.
+        cmd.current_dir(&n.dir);
         cmd.arg("--config")
             .arg(&n.config)
             .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)))

@@ -14,9 +14,6 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-/// The clock-offset bound the lease rules assume between members' clocks.
-pub const DRIFT_MS: u64 = 500;
-
 /// How long a proposal may wait for a majority.
 pub const PROPOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -33,7 +30,7 @@ impl Consensus {
         let dir = PathBuf::from(&cfg.node.state_dir).join("raft");
         let log =
             LogStore::open(&dir).with_context(|| format!("open the log in {}", dir.display()))?;
-        let sm = StateMachine::open(&dir, DRIFT_MS)
+        let sm = StateMachine::open(&dir)
             .with_context(|| format!("open the state machine in {}", dir.display()))?;
         let raft_cfg = Config {
             cluster_name: cfg.cluster.name.clone(),
@@ -157,6 +154,31 @@ impl Consensus {
             .map_err(|_| anyhow!("not committed within {PROPOSE_TIMEOUT:?}"))?
             .map(|r| (r.data, r.log_id.index))
             .map_err(|e| anyhow!("propose: {e}"))
+    }
+
+    /// Calls another member's agent API (`addr` is host:port) with the cluster's credentials
+    /// (bearer token, and the node certificate under mutual TLS). Returns the HTTP status and
+    /// the JSON body.
+    pub async fn call(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &serde_json::Value,
+        timeout: std::time::Duration,
+    ) -> Result<(u16, serde_json::Value)> {
+        let r = self
+            .net
+            .http
+            .post(format!("{}://{addr}{path}", self.net.scheme))
+            .bearer_auth(&self.net.token)
+            .timeout(timeout)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("call {addr}{path}"))?;
+        let code = r.status().as_u16();
+        let v = r.json().await.unwrap_or(serde_json::Value::Null);
+        Ok((code, v))
     }
 
     async fn forward(&self, addr: &str, p: &Proposal) -> Result<(Applied, u64)> {

@@ -247,7 +247,6 @@ struct StoredSnapshot {
 
 struct SmInner {
     dir: PathBuf,
-    drift_ms: u64,
     data: SmData,
     snapshot: Option<StoredSnapshot>,
     snapshot_seq: u64,
@@ -264,9 +263,10 @@ fn sm_lock_err<T>(_: T) -> SErr {
 }
 
 impl StateMachine {
-    /// Opens the state machine under `dir`, restored from its latest snapshot. `drift_ms` is
-    /// the clock-offset bound the lease rules assume.
-    pub fn open(dir: &Path, drift_ms: u64) -> std::io::Result<StateMachine> {
+    /// Opens the state machine under `dir`, restored from its latest snapshot. The lease rules
+    /// use the clock-drift bound of the replicated configuration, so every member applies a
+    /// proposal the same way.
+    pub fn open(dir: &Path) -> std::io::Result<StateMachine> {
         std::fs::create_dir_all(dir)?;
         let snapshot: Option<StoredSnapshot> = read_json(&dir.join("snapshot.json"))?;
         let data = match &snapshot {
@@ -277,7 +277,6 @@ impl StateMachine {
         Ok(StateMachine {
             inner: Arc::new(Mutex::new(SmInner {
                 dir: dir.to_path_buf(),
-                drift_ms,
                 data,
                 snapshot,
                 snapshot_seq: 0,
@@ -339,13 +338,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: Send,
     {
         let mut g = self.inner.lock().map_err(sm_lock_err)?;
-        let drift = g.drift_ms;
         let mut out = Vec::new();
         for e in entries {
             g.data.last_applied = Some(e.log_id);
             match e.payload {
                 EntryPayload::Blank => out.push(Applied(Ok(()))),
                 EntryPayload::Normal(p) => {
+                    let drift = g.data.state.config.failover.drift_ms();
                     let r = g.data.state.apply(&p, drift);
                     out.push(Applied(r));
                 }
@@ -423,8 +422,8 @@ mod tests {
                 std::env::temp_dir().join(format!("pgwarden-raft-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             let log = LogStore::open(&dir).map_err(|e| StorageIOError::read_logs(&e))?;
-            let sm = StateMachine::open(&dir, 500)
-                .map_err(|e| StorageIOError::read_state_machine(&e))?;
+            let sm =
+                StateMachine::open(&dir).map_err(|e| StorageIOError::read_state_machine(&e))?;
             Ok((Dir(dir), log, sm))
         }
     }
@@ -445,7 +444,7 @@ mod tests {
         {
             let mut log = LogStore::open(&dir).unwrap();
             log.save_vote(&Vote::new(3, 1)).await.unwrap();
-            let mut sm = StateMachine::open(&dir, 0).unwrap();
+            let mut sm = StateMachine::open(&dir).unwrap();
             let acquire = Entry::<TypeConfig> {
                 log_id: lid(3, 1),
                 payload: EntryPayload::Normal(Proposal::Acquire {
@@ -471,7 +470,7 @@ mod tests {
         assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(3, 1)));
         let st = log.get_log_state().await.unwrap();
         assert_eq!(st.last_log_id, Some(lid(3, 1)));
-        let sm = StateMachine::open(&dir, 0).unwrap();
+        let sm = StateMachine::open(&dir).unwrap();
         let lease = sm.state().lease.unwrap();
         assert_eq!((lease.holder.as_str(), lease.epoch), ("n1", 1));
     }

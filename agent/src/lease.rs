@@ -1,0 +1,279 @@
+//! The primary's lease from this member's side: acquiring, renewing and releasing it through
+//! the replicated log, the deadline after which this member must not accept writes, and its
+//! enforcement.
+//!
+//! The deadline is `send + ttl - margin` on the monotonic clock, where `send` is when the
+//! acquisition or renewal that committed was sent (`pgwarden_core::lease`). A background task
+//! renews every `ttl / 6` and, if the deadline passes without a committed renewal, stops
+//! PostgreSQL at once (immediate shutdown). The deadline is also written to
+//! `<state_dir>/lease.deadline` for the guard process (`guard.rs`), which enforces it when the
+//! agent itself is dead.
+
+use crate::agent::Shared;
+use crate::raft::Applied;
+use crate::sys;
+use anyhow::{anyhow, bail, Result};
+use pgwarden_core::lease::{Proposal, Rejected};
+use pgwarden_core::lsn::Lsn;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Held {
+    epoch: u64,
+    /// Until when this member may accept writes (None: it holds no lease).
+    deadline: Option<Instant>,
+}
+
+pub struct LeaseKeeper {
+    me: String,
+    guard_file: PathBuf,
+    data_dir: PathBuf,
+    held: Mutex<Held>,
+    /// The postmaster PID the enforcement stopped (so the loop does not count it as a crash).
+    pub stopped_postgres: AtomicI32,
+}
+
+impl LeaseKeeper {
+    pub fn new(me: &str, state_dir: &str, data_dir: &str) -> LeaseKeeper {
+        LeaseKeeper {
+            me: me.into(),
+            guard_file: PathBuf::from(state_dir).join("lease.deadline"),
+            data_dir: PathBuf::from(data_dir),
+            held: Mutex::new(Held::default()),
+            stopped_postgres: AtomicI32::new(0),
+        }
+    }
+
+    pub fn guard_file(&self) -> &PathBuf {
+        &self.guard_file
+    }
+
+    fn get(&self) -> Held {
+        self.held.lock().map(|h| *h).unwrap_or_default()
+    }
+
+    /// The epoch of the lease this member holds now, if its deadline has not passed.
+    pub fn holding(&self) -> Option<u64> {
+        let h = self.get();
+        h.deadline.filter(|d| Instant::now() < *d).map(|_| h.epoch)
+    }
+
+    /// How long this member may still accept writes.
+    pub fn remaining(&self) -> Option<Duration> {
+        self.get()
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Records a committed acquisition or renewal sent at `sent`.
+    fn extend(&self, epoch: u64, sent: Instant, sent_mono_ms: u64, ttl_ms: u64, margin_ms: u64) {
+        let valid = Duration::from_millis(ttl_ms.saturating_sub(margin_ms));
+        let new = sent + valid;
+        let mono = pgwarden_core::lease::holder_deadline(sent_mono_ms, ttl_ms, margin_ms);
+        let Ok(mut h) = self.held.lock() else {
+            return;
+        };
+        if h.epoch != epoch {
+            *h = Held {
+                epoch,
+                deadline: Some(new),
+            };
+        } else if h.deadline.is_none_or(|d| new > d) {
+            h.deadline = Some(new);
+        } else {
+            return;
+        }
+        drop(h);
+        self.write_guard(mono);
+    }
+
+    /// Gives up the local right to write (after PostgreSQL stopped, or when the lease is lost).
+    pub fn forget(&self) {
+        if let Ok(mut h) = self.held.lock() {
+            h.deadline = None;
+        }
+        self.write_guard(0);
+    }
+
+    fn write_guard(&self, deadline_mono_ms: u64) {
+        if let Err(e) = sys::write_atomic(&self.guard_file, &format!("{deadline_mono_ms}\n")) {
+            tracing::error!(error = %format!("{e:#}"), "write the lease deadline for the guard");
+        }
+    }
+}
+
+fn rejected(r: Rejected) -> anyhow::Error {
+    anyhow!("{r}")
+}
+
+/// Renews the lease this member holds on record. Errors when it is not committed.
+pub async fn renew(shared: &Shared) -> Result<()> {
+    let keeper = &shared.lease;
+    let st = shared.consensus.sm.state();
+    let Some(l) = st.lease.as_ref().filter(|l| l.holder == keeper.me) else {
+        keeper.forget();
+        bail!("this member does not hold the lease");
+    };
+    let f = st.config.failover;
+    let lsn = shared.status().wal.write;
+    let (sent, sent_mono) = (Instant::now(), sys::monotonic_ms());
+    let p = Proposal::Renew {
+        node: keeper.me.clone(),
+        epoch: l.epoch,
+        now_ms: sys::now_ms(),
+        ttl_ms: f.ttl_ms(),
+        lsn,
+    };
+    // Waiting past the deadline is useless: the renewal would not be trusted anyway.
+    let limit = keeper
+        .remaining()
+        .unwrap_or(Duration::from_millis(f.ttl_ms() / 2))
+        .max(Duration::from_millis(100));
+    match tokio::time::timeout(limit, shared.consensus.propose(p)).await {
+        Ok(Ok(Applied(Ok(())))) => {
+            keeper.extend(l.epoch, sent, sent_mono, f.ttl_ms(), f.margin_ms());
+            Ok(())
+        }
+        Ok(Ok(Applied(Err(r)))) => {
+            // Refused: another epoch began, or the lease ran out. It is gone for good.
+            keeper.forget();
+            Err(rejected(r))
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => bail!("the renewal was not committed within {limit:?}"),
+    }
+}
+
+/// Takes the lease (epoch + 1). `manual` is an operator's failover (allowed while paused).
+pub async fn acquire(shared: &Shared, reason: &str, manual: bool) -> Result<u64> {
+    let keeper = &shared.lease;
+    let st = shared.consensus.sm.state();
+    let f = st.config.failover;
+    let epoch = st.epoch() + 1;
+    let (sent, sent_mono) = (Instant::now(), sys::monotonic_ms());
+    let p = Proposal::Acquire {
+        node: keeper.me.clone(),
+        epoch,
+        now_ms: sys::now_ms(),
+        ttl_ms: f.ttl_ms(),
+        reason: reason.into(),
+        manual,
+    };
+    match shared.consensus.propose(p).await? {
+        Applied(Ok(())) => {
+            keeper.extend(epoch, sent, sent_mono, f.ttl_ms(), f.margin_ms());
+            shared.events.record(
+                "lease_acquired",
+                format!("took the lease, epoch {epoch}: {reason}"),
+            );
+            Ok(epoch)
+        }
+        Applied(Err(r)) => Err(rejected(r)),
+    }
+}
+
+/// Gives the lease up. PostgreSQL must already be stopped (or not writable).
+pub async fn release(
+    shared: &Shared,
+    lsn: Option<Lsn>,
+    successor: Option<String>,
+    why: &str,
+) -> Result<()> {
+    let keeper = &shared.lease;
+    let st = shared.consensus.sm.state();
+    let Some(l) = st.lease.as_ref().filter(|l| l.holder == keeper.me) else {
+        keeper.forget();
+        bail!("this member does not hold the lease");
+    };
+    keeper.forget();
+    let p = Proposal::Release {
+        node: keeper.me.clone(),
+        epoch: l.epoch,
+        lsn,
+        successor: successor.clone(),
+        now_ms: sys::now_ms(),
+        reserve_ms: 2 * st.config.failover.ttl_ms(),
+    };
+    match shared.consensus.propose(p).await? {
+        Applied(Ok(())) => {
+            shared.events.record(
+                "lease_released",
+                format!("released the lease, epoch {}: {why}", l.epoch),
+            );
+            Ok(())
+        }
+        Applied(Err(r)) => Err(rejected(r)),
+    }
+}
+
+/// Renews while this member holds the lease and enforces the deadline. Runs for the agent's
+/// lifetime, independently of the main loop (which may be busy starting PostgreSQL).
+pub async fn run(shared: Arc<Shared>) {
+    let mut failures = 0u32;
+    loop {
+        let f = shared.consensus.sm.state().config.failover;
+        let interval = Duration::from_millis(f.renew_interval_ms().max(50));
+        let next = Instant::now() + interval;
+        let held = shared.lease.get();
+        if let Some(deadline) = held.deadline {
+            if Instant::now() >= deadline {
+                enforce(&shared);
+                continue;
+            }
+            let renewal = tokio::time::timeout_at(deadline.into(), renew(&shared)).await;
+            match renewal {
+                Ok(Ok(())) => {
+                    if failures > 0 {
+                        shared.events.record(
+                            "lease_renewed",
+                            format!("renewed the lease again after {failures} failed attempts"),
+                        );
+                    }
+                    failures = 0;
+                }
+                Ok(Err(e)) => {
+                    failures += 1;
+                    if failures == 1 {
+                        tracing::warn!(error = %format!("{e:#}"), "lease renewal failed");
+                    }
+                }
+                Err(_) => {
+                    failures += 1;
+                }
+            }
+            // Never sleep past the deadline.
+            let wake = shared.lease.get().deadline.map_or(next, |d| next.min(d));
+            tokio::time::sleep_until(wake.into()).await;
+        } else {
+            failures = 0;
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+}
+
+/// The deadline passed without a committed renewal: stop accepting writes now.
+fn enforce(shared: &Shared) {
+    let keeper = &shared.lease;
+    keeper.forget();
+    let pid = shared.postmaster_pid.load(Ordering::Relaxed);
+    let writable = !keeper.data_dir.join("standby.signal").exists();
+    if pid > 0 && sys::pid_alive(pid) && writable {
+        keeper.stopped_postgres.store(pid, Ordering::Relaxed);
+        if let Err(e) = sys::signal(pid, libc::SIGQUIT) {
+            tracing::error!(pid, error = %e, "stop PostgreSQL at the end of the lease");
+        }
+        shared.events.record(
+            "lease_lost",
+            "the lease could not be renewed before its deadline: PostgreSQL stopped \
+             (immediate shutdown) so that it accepts no more writes",
+        );
+    } else {
+        shared.events.record(
+            "lease_lost",
+            "the lease could not be renewed before its deadline",
+        );
+    }
+}
