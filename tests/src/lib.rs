@@ -102,6 +102,67 @@ impl TestLab {
         r.json().await.ok()
     }
 
+    /// Runs SQL with psql inside a node's host, so it reaches that node's PostgreSQL even
+    /// while the host is partitioned. Returns psql's output, or its error.
+    pub fn psql_in(&self, node: &str, sql: &str) -> Result<String> {
+        let argv: Vec<String> = ["psql", "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", sql]
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        let out = self.lab.exec(node, &argv)?.output().context("run psql")?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// `PATCH /v1/config` on a node's agent.
+    pub async fn patch_config(
+        &self,
+        node: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .patch(format!(
+                "{}/v1/config",
+                self.lab.api_url(node).expect("node")
+            ))
+            .bearer_auth(&self.lab.token)
+            .json(&body)
+            .send()
+            .await
+            .expect("PATCH /v1/config");
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
+    }
+
+    /// The members answering 200 on `/primary` right now.
+    pub async fn primaries(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for n in &self.lab.nodes {
+            if self.check(&n.name, reqwest::Method::GET, "/primary").await == 200 {
+                out.push(n.name.clone());
+            }
+        }
+        out
+    }
+
+    /// Waits until a member other than `old` is the only primary; returns it.
+    pub async fn wait_new_primary(&self, old: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let p = self.primaries().await;
+            if p.len() == 1 && p[0] != old {
+                return p[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no new primary other than {old} within {timeout:?} (primaries now: {p:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The status code of a health check (`/primary`, `/replica?lag=1MB`, …).
     pub async fn check(&self, node: &str, method: reqwest::Method, path: &str) -> u16 {
         let url = format!("{}{path}", self.lab.health_url(node).expect("node"));

@@ -194,3 +194,61 @@ async fn pause_edit_config_and_restart_pending() {
     assert_eq!(code, 1);
     assert!(err.contains("n9 is not a member"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_and_failover_from_the_command_line() {
+    let t = TestLab::up(spec(27, 3)).await;
+    t.wait_streaming_from("n1", Duration::from_secs(30)).await;
+    // Asked, answered no: nothing happens.
+    let (code, out, err) = ctl_with(&t, &["switchover", "--candidate", "n3"], true, &[], "n\n");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(format!("{out}{err}").contains("aborted"), "{out}{err}");
+    assert_eq!(t.primaries().await, vec!["n1".to_string()]);
+    // Answered yes: n3 becomes the primary, the others follow it.
+    let (code, out, err) = ctl_with(&t, &["switchover", "--candidate", "n3"], true, &[], "y\n");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("switched over from n1 to n3"), "{out}");
+    assert_eq!(t.primaries().await, vec!["n3".to_string()]);
+    t.wait_streaming_from("n3", Duration::from_secs(60)).await;
+    // A failover while the primary is healthy is refused and says what to use instead.
+    let (code, out, err) = ctl(&t, &["failover", "--candidate", "n2", "--force"], true);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("switchover"), "{err}");
+    // Scheduled: answered at once, done when due; --json gives the operation result.
+    let at = pgwarden_core::timefmt::format_rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 4000,
+    );
+    let (code, out, err) = ctl(
+        &t,
+        &[
+            "switchover",
+            "--candidate",
+            "n2",
+            "--scheduled",
+            &at,
+            "--force",
+            "--json",
+        ],
+        true,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["message"].as_str().unwrap().contains("scheduled"), "{v}");
+    assert_eq!(t.primaries().await, vec!["n3".to_string()], "not yet");
+    wait_for(
+        Duration::from_secs(30),
+        "the scheduled switchover ran",
+        || async { t.primaries().await == vec!["n2".to_string()] },
+    )
+    .await;
+    wait_for(
+        Duration::from_secs(30),
+        "n3 records the scheduled switchover",
+        || async { t.event_kinds("n3").contains(&"switchover_done".to_string()) },
+    )
+    .await;
+}

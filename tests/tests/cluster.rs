@@ -198,7 +198,7 @@ async fn health_endpoints_answer_like_patroni() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_requires_a_token_and_names_bad_fields() {
     let t = TestLab::up(spec(3, 2)).await;
-    let url = format!("{}/v1/promote", t.lab.api_url("n2").unwrap());
+    let url = format!("{}/v1/failover", t.lab.api_url("n2").unwrap());
     let r = t.http.post(&url).send().await.unwrap();
     assert_eq!(r.status(), 401);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
@@ -216,44 +216,56 @@ async fn api_requires_a_token_and_names_bad_fields() {
         "nothing was promoted"
     );
 
-    let (code, v) = t.api("n1", "/v1/demote", Some(serde_json::json!({}))).await;
+    let (code, v) = t
+        .api("n1", "/v1/failover", Some(serde_json::json!({})))
+        .await;
     assert_eq!(code, 422, "{v}");
-    assert_eq!(v["field"], "primary", "{v}");
+    assert_eq!(v["field"], "candidate", "{v}");
     let (code, v) = t
         .api(
             "n1",
-            "/v1/demote",
-            Some(serde_json::json!({"primary": "zz"})),
+            "/v1/switchover",
+            Some(serde_json::json!({"candidate": "zz"})),
         )
         .await;
     assert_eq!(code, 422, "{v}");
-    assert_eq!(v["field"], "primary", "{v}");
+    assert_eq!(v["field"], "candidate", "{v}");
     assert!(v["detail"].as_str().unwrap().contains("n1, n2"), "{v}");
     let (code, v) = t
         .api(
             "n1",
-            "/v1/demote",
-            Some(serde_json::json!({"primary": "n2", "extra": 1})),
+            "/v1/switchover",
+            Some(serde_json::json!({"candidate": "n2", "extra": 1})),
         )
         .await;
     assert_eq!(code, 422, "{v}");
     assert_eq!(v["field"], "extra", "{v}");
     let (code, v) = t
         .api(
-            "n1",
-            "/v1/demote",
-            Some(serde_json::json!({"primary": "n1"})),
+            "n2",
+            "/v1/switchover",
+            Some(serde_json::json!({"candidate": "n1"})),
         )
         .await;
-    assert_eq!(code, 422, "{v}");
+    assert_eq!(code, 422, "switch over to the primary itself: {v}");
+    assert_eq!(v["field"], "candidate", "{v}");
     let (code, v) = t
         .api(
             "n1",
-            "/v1/follow",
-            Some(serde_json::json!({"primary": "n2"})),
+            "/v1/switchover",
+            Some(serde_json::json!({"scheduled_at": "tomorrow"})),
         )
         .await;
-    assert_eq!(code, 409, "follow on the primary: {v}");
+    assert_eq!(code, 422, "{v}");
+    assert_eq!(v["field"], "scheduled_at", "{v}");
+    let (code, v) = t
+        .api(
+            "n1",
+            "/v1/failover",
+            Some(serde_json::json!({"candidate": "n2"})),
+        )
+        .await;
+    assert_eq!(code, 409, "failover while the primary is healthy: {v}");
     let (code, v) = t.api("n1", "/v1/reinitialize", None).await;
     assert_eq!(code, 409, "reinitialize on the primary: {v}");
     let (code, _) = t.api("n1", "/v1/nope", None).await;

@@ -8,15 +8,7 @@ use serde_json::json;
 use std::time::Duration;
 
 async fn patch(t: &TestLab, node: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
-    let r = t
-        .http
-        .patch(format!("{}/v1/config", t.lab.api_url(node).unwrap()))
-        .bearer_auth(&t.lab.token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or_default())
+    t.patch_config(node, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

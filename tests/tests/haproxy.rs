@@ -102,10 +102,7 @@ listen standby
     )
     .await;
 
-    t.op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
-        .await;
-    t.op("n2", "/v1/promote", None).await;
-    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+    t.op("n1", "/v1/switchover", Some(json!({"candidate": "n2"})))
         .await;
     wait_for(
         Duration::from_secs(30),

@@ -1,6 +1,6 @@
-//! Role changes through the agent API on real PostgreSQL: switchover, an old primary that
-//! diverged coming back with pg_rewind (or a fresh base backup when rewind fails), a killed
-//! postmaster restarted in place, and an agent restart adopting the running PostgreSQL.
+//! Role changes on real PostgreSQL: switchover through the API, an old primary that diverged
+//! coming back with pg_rewind (or a fresh base backup when rewind fails), a killed postmaster
+//! restarted in place, and an agent restart adopting the running PostgreSQL.
 
 use pgwarden_core::status::Role;
 use pgwarden_lab::Fault;
@@ -8,30 +8,6 @@ use pgwarden_tests::{spec, wait_for, TestLab};
 use reqwest::Method;
 use serde_json::json;
 use std::time::Duration;
-
-/// Demotes `old` to follow `candidate` and waits until the candidate has received the old
-/// primary's last WAL record (the demotion reports where it ends), so promoting it loses nothing.
-async fn demote_and_wait_for_candidate(t: &TestLab, old: &str, candidate: &str) {
-    let msg = t
-        .op(old, "/v1/demote", Some(json!({ "primary": candidate })))
-        .await;
-    let end: pgwarden_core::Lsn = msg
-        .rsplit(' ')
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("demote reports the final LSN: {msg}"));
-    wait_for(
-        Duration::from_secs(20),
-        &format!("{candidate} received {old}'s last WAL"),
-        || async {
-            t.status(candidate)
-                .await
-                .and_then(|s| s.wal.received.or(s.wal.replayed))
-                .is_some_and(|l| l > end)
-        },
-    )
-    .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_by_api_loses_nothing() {
@@ -42,13 +18,12 @@ async fn switchover_by_api_loses_nothing() {
     )
     .await
     .unwrap();
-    // Demote first: a clean shutdown sends every WAL record to the replicas.
-    demote_and_wait_for_candidate(&t, "n1", "n2").await;
-    assert_eq!(t.check("n1", Method::GET, "/primary").await, 503);
-    t.op("n2", "/v1/promote", None).await;
     let n3_started = t.status("n3").await.unwrap().postmaster_start_time;
-    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+    // Asked of a replica: forwarded to the lease holder, which runs it.
+    let msg = t
+        .op("n3", "/v1/switchover", Some(json!({"candidate": "n2"})))
         .await;
+    assert!(msg.contains("switched over from n1 to n2"), "{msg}");
     t.wait_streaming_from("n2", Duration::from_secs(60)).await;
     assert_eq!(
         t.status("n3").await.unwrap().postmaster_start_time,
@@ -66,16 +41,17 @@ async fn switchover_by_api_loses_nothing() {
     assert_eq!(t.check("n2", Method::GET, "/primary").await, 200);
     assert_eq!(t.check("n1", Method::GET, "/replica").await, 200);
     let kinds = t.event_kinds("n1");
-    assert!(kinds.contains(&"demoted".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"lease_released".to_string()), "{kinds:?}");
     assert!(
         !kinds.contains(&"rewind_started".to_string()),
         "a clean switchover needs no rewind: {kinds:?}"
     );
 }
 
-/// Makes n1 diverge: n2 is promoted while n1 still accepts writes (as after a failover of an
-/// old primary that kept running), then n1 is told to follow n2.
-async fn diverge_and_demote(t: &TestLab) {
+/// Makes n1 diverge the way a real failover does: n1 is partitioned away and keeps
+/// acknowledging local writes until its lease runs out, the majority promotes another member,
+/// more is written there; then the partition heals and n1 must rejoin on its own.
+async fn diverge_and_heal(t: &mut TestLab) {
     t.exec(
         "n1",
         "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1)",
@@ -83,16 +59,15 @@ async fn diverge_and_demote(t: &TestLab) {
     .await
     .unwrap();
     t.wait_count("n2", "SELECT count(*) FROM t", 1).await;
-    t.op("n2", "/v1/promote", None).await;
-    t.exec("n1", "INSERT INTO t SELECT generate_series(1000, 1999)")
-        .await
-        .unwrap();
-    t.exec("n2", "INSERT INTO t VALUES (2)").await.unwrap();
-    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
-        .await;
-    t.op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
-        .await;
-    t.wait_streaming_from("n2", Duration::from_secs(90)).await;
+    t.wait_count("n3", "SELECT count(*) FROM t", 1).await;
+    t.lab.fault(Fault::Partition, "n1").unwrap();
+    // Only n1 has these rows: its WAL goes past the point where the new timeline forks.
+    t.psql_in("n1", "INSERT INTO t SELECT generate_series(1000, 1999)")
+        .expect("n1 still holds its lease");
+    let new = t.wait_new_primary("n1", Duration::from_secs(30)).await;
+    t.exec(&new, "INSERT INTO t VALUES (2)").await.unwrap();
+    t.lab.fault(Fault::Heal, "n1").unwrap();
+    t.wait_streaming_from(&new, Duration::from_secs(90)).await;
     for n in ["n1", "n2", "n3"] {
         t.wait_count(n, "SELECT count(*), sum(id) FROM t", 2).await;
     }
@@ -101,8 +76,8 @@ async fn diverge_and_demote(t: &TestLab) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn diverged_old_primary_rejoins_with_pg_rewind() {
-    let t = TestLab::up(spec(6, 3)).await;
-    diverge_and_demote(&t).await;
+    let mut t = TestLab::up(spec(6, 3)).await;
+    diverge_and_heal(&mut t).await;
     let kinds = t.event_kinds("n1");
     assert!(kinds.contains(&"rewind".to_string()), "{kinds:?}");
     assert!(!kinds.contains(&"rewind_failed".to_string()), "{kinds:?}");
@@ -113,8 +88,8 @@ async fn diverged_old_primary_rejoins_with_pg_rewind() {
 async fn failed_rewind_falls_back_to_a_fresh_base_backup() {
     let mut s = spec(7, 3);
     s.agent_env = vec![("PGWARDEN_FAILPOINTS".into(), "pg_rewind".into())];
-    let t = TestLab::up(s).await;
-    diverge_and_demote(&t).await;
+    let mut t = TestLab::up(s).await;
+    diverge_and_heal(&mut t).await;
     let kinds = t.event_kinds("n1");
     for k in ["rewind_failed", "data_dir_moved_aside", "cloned"] {
         assert!(kinds.contains(&k.to_string()), "{k} in {kinds:?}");
@@ -173,6 +148,10 @@ async fn killed_postmaster_is_restarted_in_place() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_adopts_running_postgres_and_existing_data() {
     let mut t = TestLab::up(spec(9, 3)).await;
+    // A lease long enough for the agent's restart below on a slow machine: while the agent
+    // is away nobody renews, and the guard would stop PostgreSQL at the end of the lease.
+    let (code, v) = t.patch_config("n2", json!({"ttl": "20s"})).await;
+    assert_eq!(code, 200, "{v}");
     t.exec("n1", "CREATE TABLE t (id int)").await.unwrap();
     let pid = t.lab.postmaster_pid("n1").unwrap();
     t.lab.fault(Fault::KillAgent, "n1").unwrap();
@@ -220,9 +199,7 @@ async fn switchover_with_a_writer_running_loses_no_acknowledged_write() {
     let t = TestLab::up(spec(13, 3)).await;
     let (stop, probe) = t.start_probe(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(2)).await;
-    demote_and_wait_for_candidate(&t, "n1", "n2").await;
-    t.op("n2", "/v1/promote", None).await;
-    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
+    t.op("n1", "/v1/switchover", Some(json!({"candidate": "n2"})))
         .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.send(()).unwrap();
@@ -241,16 +218,17 @@ async fn switchover_with_a_writer_running_loses_no_acknowledged_write() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_probe_reports_two_primaries_and_lost_writes() {
-    // Negative control for the probe: two primaries on purpose, then the old one rewound.
-    let t = TestLab::up(spec(14, 3)).await;
+    // Negative control for the probe: a second primary made by hand behind pgwarden's back
+    // (n2's agent killed, then its PostgreSQL promoted directly). When n2's agent returns it
+    // finds a writable PostgreSQL without the lease, stops it and rewinds it.
+    let mut t = TestLab::up(spec(14, 3)).await;
     let (stop, probe) = t.start_probe(Duration::from_millis(20));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    t.op("n2", "/v1/promote", None).await;
+    t.lab.fault(Fault::KillAgent, "n2").unwrap();
+    t.exec("n2", "SELECT pg_promote()").await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    t.op("n3", "/v1/follow", Some(json!({"primary": "n2"})))
-        .await;
-    t.op("n1", "/v1/demote", Some(json!({"primary": "n2"})))
-        .await;
+    t.lab.fault(Fault::StartNode, "n2").unwrap();
+    t.wait_streaming_from("n1", Duration::from_secs(90)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.send(()).unwrap();
     let r = probe.await.unwrap().unwrap();
@@ -259,5 +237,7 @@ async fn the_probe_reports_two_primaries_and_lost_writes() {
         r.lost_acknowledged > 10,
         "the old primary's writes were rewound away: {r:?}"
     );
-    assert!(t.event_kinds("n1").contains(&"rewind".to_string()));
+    let kinds = t.event_kinds("n2");
+    assert!(kinds.contains(&"stepped_down".to_string()), "{kinds:?}");
+    assert!(kinds.contains(&"rewind".to_string()), "{kinds:?}");
 }
