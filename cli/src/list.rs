@@ -3,7 +3,8 @@
 use pgwarden_core::api::ClusterView;
 use pgwarden_core::status::{PgState, Role};
 
-fn role(s: &pgwarden_core::status::NodeStatus) -> &'static str {
+/// The role as the table shows it.
+pub(crate) fn role(s: &pgwarden_core::status::NodeStatus) -> &'static str {
     match s.role {
         Role::Primary if s.is_writable_primary() => "Primary",
         Role::Primary => "Primary (stepping down)",
@@ -13,7 +14,8 @@ fn role(s: &pgwarden_core::status::NodeStatus) -> &'static str {
     }
 }
 
-fn state(s: &pgwarden_core::status::NodeStatus) -> String {
+/// The state as the table shows it.
+pub(crate) fn state(s: &pgwarden_core::status::NodeStatus) -> String {
     if s.is_streaming() {
         return "streaming".into();
     }

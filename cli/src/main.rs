@@ -3,6 +3,7 @@
 
 mod editconfig;
 mod list;
+mod switchover;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -61,6 +62,27 @@ enum Cmd {
         #[arg(long)]
         pending: bool,
     },
+    /// Hand the primary role over to a replica cleanly, now or at a scheduled time.
+    Switchover {
+        /// The member to promote; by default the primary's agent chooses the best replica.
+        #[arg(long, value_name = "NAME")]
+        candidate: Option<String>,
+        /// `now` (the default) or an RFC 3339 time, e.g. 2026-11-22T10:00:00Z.
+        #[arg(long, value_name = "TIME")]
+        scheduled: Option<String>,
+        /// Do not ask for confirmation (required with --json).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Promote a replica when there is no healthy primary (may lose acknowledged writes).
+    Failover {
+        /// The member to promote.
+        #[arg(long, value_name = "NAME")]
+        candidate: String,
+        /// Do not ask for confirmation (required with --json).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn client(cli: &Cli) -> Result<reqwest::Client> {
@@ -100,6 +122,10 @@ async fn get_view(cli: &Cli) -> Result<ClusterView> {
     r.json().await.with_context(|| format!("read {url}"))
 }
 
+/// How long an API call may take: operations (a restart, a switchover waiting for the
+/// candidate to catch up) run to completion before the agent answers.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Sends a request to an agent's API and returns the JSON answer, or the problem's detail.
 async fn call(
     cli: &Cli,
@@ -113,7 +139,7 @@ async fn call(
     let mut req = client(cli)?
         .request(method.clone(), url)
         .bearer_auth(token)
-        .timeout(std::time::Duration::from_secs(600));
+        .timeout(CALL_TIMEOUT);
     if let Some(b) = body {
         req = req.json(&b);
     }
@@ -154,6 +180,32 @@ fn print(cli: &Cli, v: &serde_json::Value, text: impl FnOnce() -> String) -> Res
         println!("{}", text());
     }
     Ok(())
+}
+
+/// Prints an operation's answer (an `OperationResult`: its message, or the JSON); an answer
+/// with `ok: false` is an error.
+fn print_operation(cli: &Cli, v: &serde_json::Value) -> Result<()> {
+    let message = v["message"].as_str().unwrap_or("done").to_string();
+    if v["ok"] == serde_json::Value::Bool(false) {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(v)?);
+        }
+        bail!("{message}");
+    }
+    print(cli, v, || message)
+}
+
+/// Asks the operator on the terminal; a no is `switchover::Aborted`.
+fn ask(question: &str) -> Result<()> {
+    if switchover::confirm(
+        question,
+        &mut std::io::stdin().lock(),
+        &mut std::io::stderr(),
+    )? {
+        Ok(())
+    } else {
+        Err(switchover::Aborted.into())
+    }
 }
 
 async fn run(cli: &Cli) -> Result<()> {
@@ -266,6 +318,54 @@ async fn run(cli: &Cli) -> Result<()> {
                 }
             })
         }
+        Cmd::Switchover {
+            candidate,
+            scheduled,
+            force,
+        } => {
+            switchover::check_confirmable(cli.json, *force)?;
+            let req = switchover::switchover_request(candidate.as_deref(), scheduled.as_deref());
+            if !force {
+                let view = get_view(cli).await?;
+                let plan = switchover::switchover_plan(&view, &req)?;
+                println!(
+                    "Current cluster topology\n{}\n{plan}\n",
+                    list::render(&view)
+                );
+                ask(switchover::switchover_question())?;
+            }
+            let body = serde_json::to_value(&req)?;
+            let v = call(
+                cli,
+                Method::POST,
+                &agent_url(cli, "/v1/switchover"),
+                Some(body),
+            )
+            .await?;
+            print_operation(cli, &v)
+        }
+        Cmd::Failover { candidate, force } => {
+            switchover::check_confirmable(cli.json, *force)?;
+            let req = switchover::failover_request(candidate);
+            if !force {
+                let view = get_view(cli).await?;
+                let plan = switchover::failover_plan(&view, &req)?;
+                println!(
+                    "Current cluster topology\n{}\n{plan}\n",
+                    list::render(&view)
+                );
+                ask(&switchover::failover_question(candidate))?;
+            }
+            let body = serde_json::to_value(&req)?;
+            let v = call(
+                cli,
+                Method::POST,
+                &agent_url(cli, "/v1/failover"),
+                Some(body),
+            )
+            .await?;
+            print_operation(cli, &v)
+        }
     }
 }
 
@@ -275,9 +375,116 @@ async fn main() -> ExitCode {
     let res = run(&cli).await;
     match res {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<switchover::Aborted>() => {
+            eprintln!("aborted");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pgwardenctl").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn switchover_arguments() {
+        let cli = parse(&[
+            "switchover",
+            "--candidate",
+            "pg2",
+            "--scheduled",
+            "2026-11-22T10:00:00Z",
+        ])
+        .unwrap();
+        let Cmd::Switchover {
+            candidate,
+            scheduled,
+            force,
+        } = &cli.cmd
+        else {
+            panic!("not a switchover");
+        };
+        assert_eq!(candidate.as_deref(), Some("pg2"));
+        assert_eq!(scheduled.as_deref(), Some("2026-11-22T10:00:00Z"));
+        assert!(!force);
+        assert!(!cli.json);
+
+        let cli = parse(&["switchover", "--force", "--json"]).unwrap();
+        let Cmd::Switchover {
+            candidate,
+            scheduled,
+            force,
+        } = &cli.cmd
+        else {
+            panic!("not a switchover");
+        };
+        assert_eq!(candidate, &None);
+        assert_eq!(scheduled, &None);
+        assert!(force);
+        assert!(cli.json);
+        assert!(parse(&["switchover", "pg2"]).is_err());
+    }
+
+    #[test]
+    fn failover_needs_a_candidate() {
+        let cli = parse(&["failover", "--candidate", "pg3", "--force"]).unwrap();
+        let Cmd::Failover { candidate, force } = &cli.cmd else {
+            panic!("not a failover");
+        };
+        assert_eq!(candidate, "pg3");
+        assert!(force);
+        let e = parse(&["failover"]).err().unwrap();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn json_without_force_asks_nothing_and_sends_nothing() {
+        // An agent that does not exist: the refusal comes before any request.
+        for args in [
+            &[
+                "--agent",
+                "http://127.0.0.1:9",
+                "--token",
+                "t",
+                "--json",
+                "switchover",
+            ][..],
+            &[
+                "--agent",
+                "http://127.0.0.1:9",
+                "--token",
+                "t",
+                "--json",
+                "failover",
+                "--candidate",
+                "pg2",
+            ],
+        ] {
+            let e = run(&parse(args).unwrap()).await.unwrap_err().to_string();
+            assert_eq!(
+                e,
+                "--json needs --force: there is no one to answer the confirmation"
+            );
+        }
+    }
+
+    #[test]
+    fn an_operation_that_failed_is_an_error() {
+        let cli = parse(&["switchover", "--force"]).unwrap();
+        let ok = serde_json::json!({ "operation": "switchover", "ok": true, "message": "pg2 is the primary" });
+        assert!(print_operation(&cli, &ok).is_ok());
+        let failed = serde_json::json!({ "operation": "switchover", "ok": false, "message": "pg2 did not catch up" });
+        assert_eq!(
+            print_operation(&cli, &failed).unwrap_err().to_string(),
+            "pg2 did not catch up"
+        );
     }
 }
