@@ -23,6 +23,9 @@ The demo cluster is up. Try:
   pgwarden-probe --seconds 10                  # write gap, lost writes, split brain
   curl -s -o /dev/null -w '%{http_code}\n' http://<node host>:8008/primary
   pgwarden-lab fault kill-postgres n1          # the agent restarts it in place
+  PGWARDEN_TOKEN=<token> pgwardenctl --ca /var/tmp/pgwarden-lab/lab/ca/ca.pem --agent https://<node host>:8443 switchover
+  pgwarden-lab fault stop-node n1              # host down: another node takes over in ~4 s
+  pgwarden-lab fault start-node n1             # it comes back as a replica
   pgwarden-lab down                            # remove everything
 The agent API token is in the JSON above ("token").
 MSG

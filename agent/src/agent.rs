@@ -233,8 +233,7 @@ impl Agent {
                 format!("adopted the running postmaster (pid {pid})"),
             );
         }
-        let mut tick = tokio::time::interval(self.cfg.node.loop_wait.0);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = Instant::now();
         loop {
             tokio::select! {
                 req = ops.recv() => {
@@ -242,11 +241,35 @@ impl Agent {
                     let res = self.handle_op(req.op).await;
                     let _ = req.reply.send(res);
                 }
-                _ = tick.tick() => {
+                _ = tokio::time::sleep_until(next.into()) => {
                     self.run_scheduled().await;
                     self.step().await;
+                    next = Instant::now() + self.next_wake();
                 }
             }
+        }
+    }
+
+    /// When to run the next step: every `loop_wait`, but right when another member's lease
+    /// becomes free (expiry + drift), and soon again after a failed lease proposal, so a
+    /// failover does not wait for the next regular step.
+    fn next_wake(&self) -> Duration {
+        let regular = self.cfg.node.loop_wait.0;
+        let st = self.shared.consensus.sm.state();
+        let now = now_ms();
+        if self.last_lease_error.is_some() && st.acquirable(now, st.config.failover.drift_ms()) {
+            return regular.min(Duration::from_millis(200));
+        }
+        match &st.lease {
+            Some(l) if l.holder != self.cfg.node.name && !l.released => {
+                let free_at = l.expires_at_ms + st.config.failover.drift_ms() + 5;
+                if free_at > now {
+                    regular.min(Duration::from_millis(free_at - now))
+                } else {
+                    regular
+                }
+            }
+            _ => regular,
         }
     }
 

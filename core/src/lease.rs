@@ -55,6 +55,9 @@ pub struct ClusterState {
     pub config_history: Vec<ConfigChange>,
 }
 
+/// How many changes of holder the history keeps.
+pub const HOLDER_HISTORY: usize = 1000;
+
 /// How many configuration changes the history keeps.
 pub const CONFIG_HISTORY: usize = 200;
 
@@ -202,6 +205,8 @@ impl ClusterState {
                     at_ms: *now_ms,
                     reason: reason.clone(),
                 });
+                let excess = self.history.len().saturating_sub(HOLDER_HISTORY);
+                self.history.drain(..excess);
                 Ok(())
             }
             Proposal::Renew {
