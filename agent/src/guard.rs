@@ -1,6 +1,6 @@
 //! The guard: a tiny process the agent starts and that outlives it. PostgreSQL keeps running
 //! when the agent stops (so an agent restart or upgrade causes no failover), which means a
-//! dead agent cannot stop its primary when the lease runs out. The guard does: every 50 ms it
+//! dead agent cannot stop its primary when the lease runs out. The guard does: every 100 ms it
 //! reads the lease deadline the agent writes to `<state_dir>/lease.deadline` (CLOCK_MONOTONIC
 //! milliseconds, 0 for none) and stops a writable PostgreSQL (immediate shutdown) once the
 //! deadline has passed. It exits when neither the agent nor PostgreSQL runs any more, or when
@@ -13,6 +13,9 @@ use crate::sys;
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// How often the guard checks the deadline: well inside the lease's stop margin (≥ 100 ms).
+const POLL: Duration = Duration::from_millis(100);
 
 fn read_pid(p: &Path) -> Option<i32> {
     std::fs::read_to_string(p)
@@ -73,7 +76,7 @@ pub fn run(state_dir: &Path, data_dir: &Path) -> Result<()> {
             eprintln!("guard {me}: neither the agent nor PostgreSQL runs; exiting");
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(POLL);
     }
 }
 
