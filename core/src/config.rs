@@ -127,6 +127,9 @@ pub struct Member {
     pub health_port: u16,
     #[serde(default = "default_api_port")]
     pub api_port: u16,
+    /// A witness runs only the agent (no PostgreSQL): a third vote for a two-node cluster.
+    #[serde(default)]
+    pub witness: bool,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -421,6 +424,20 @@ impl AgentConfig {
                     "{:?} is not among cluster.members ({})",
                     self.node.name,
                     self.member_names().join(", ")
+                ),
+            ));
+        }
+        if self
+            .member(&self.cluster.initial_primary)
+            .is_some_and(|m| m.witness)
+        {
+            return Err(inv(
+                "cluster",
+                None,
+                "initial_primary",
+                format!(
+                    "{:?} is a witness (it runs no PostgreSQL)",
+                    self.cluster.initial_primary
                 ),
             ));
         }
@@ -787,6 +804,17 @@ shared_buffers = "128MB"
         let e = parse(&t).unwrap_err();
         assert_eq!(e.line, Some(18));
         assert!(e.message.contains("pgport"), "{e}");
+    }
+
+    #[test]
+    fn a_witness_cannot_be_the_initial_primary() {
+        let t = GOOD.replace("pg_port = 5433", "pg_port = 5433\nwitness = true");
+        let c = parse(&t).unwrap();
+        assert!(c.member("n2").unwrap().witness);
+        let t = t.replace("initial_primary = \"n1\"", "initial_primary = \"n2\"");
+        let e = parse(&t).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("cluster.initial_primary"), "{e}");
+        assert!(e.message.contains("witness"), "{e}");
     }
 
     #[test]

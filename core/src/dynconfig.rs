@@ -39,6 +39,30 @@ pub struct FailoverSettings {
     /// How long the holder tries to restart a failed PostgreSQL in place before it gives the
     /// lease up so another member takes over.
     pub primary_start_timeout: ConfDuration,
+    /// `off`: asynchronous replication. `on`: the primary keeps `synchronous_node_count`
+    /// synchronous standbys when it can and degrades to asynchronous (with an event) when none
+    /// is available. `strict`: writes block rather than run without a synchronous standby.
+    pub synchronous_mode: SyncMode,
+    pub synchronous_node_count: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    #[default]
+    Off,
+    On,
+    Strict,
+}
+
+impl std::fmt::Display for SyncMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncMode::Off => "off",
+            SyncMode::On => "on",
+            SyncMode::Strict => "strict",
+        })
+    }
 }
 
 impl Default for FailoverSettings {
@@ -48,6 +72,8 @@ impl Default for FailoverSettings {
             clock_drift: ConfDuration::millis(500),
             maximum_lag_on_failover: 1 << 20,
             primary_start_timeout: ConfDuration::secs(30),
+            synchronous_mode: SyncMode::Off,
+            synchronous_node_count: 1,
         }
     }
 }
@@ -84,6 +110,9 @@ pub struct ConfigPatch {
     /// Bytes, or a size like `"16MB"`.
     pub maximum_lag_on_failover: Option<serde_json::Value>,
     pub primary_start_timeout: Option<String>,
+    /// `"off"`, `"on"` or `"strict"`.
+    pub synchronous_mode: Option<String>,
+    pub synchronous_node_count: Option<serde_json::Value>,
 }
 
 /// One changed setting: `None` on a side means absent.
@@ -233,6 +262,28 @@ fn patch_failover(
             _ => return Err(err(field, "must be bytes or a size like \"16MB\"".into())),
         };
     }
+    if let Some(v) = &patch.synchronous_mode {
+        next.synchronous_mode = match v.as_str() {
+            "off" => SyncMode::Off,
+            "on" => SyncMode::On,
+            "strict" => SyncMode::Strict,
+            _ => {
+                return Err(err(
+                    "synchronous_mode",
+                    format!("{v:?} is not one of off, on, strict"),
+                ))
+            }
+        };
+    }
+    if let Some(v) = &patch.synchronous_node_count {
+        next.synchronous_node_count =
+            v.as_u64().filter(|n| (1..=16).contains(n)).ok_or_else(|| {
+                err(
+                    "synchronous_node_count",
+                    format!("{v} is not a number from 1 to 16"),
+                )
+            })? as u32;
+    }
     if next.ttl < ConfDuration::millis(600) || next.ttl > ConfDuration::secs(600) {
         return Err(err(
             "ttl",
@@ -272,6 +323,16 @@ fn patch_failover(
         "primary_start_timeout",
         f.primary_start_timeout.to_string(),
         next.primary_start_timeout.to_string(),
+    );
+    note(
+        "synchronous_mode",
+        f.synchronous_mode.to_string(),
+        next.synchronous_mode.to_string(),
+    );
+    note(
+        "synchronous_node_count",
+        f.synchronous_node_count.to_string(),
+        next.synchronous_node_count.to_string(),
     );
     *f = next;
     Ok(())

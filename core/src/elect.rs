@@ -8,6 +8,7 @@
 
 use crate::candidate::{choose, verdict, Candidate, Rules, Verdict};
 use crate::lease::ClusterState;
+use crate::record::{CandidateRecord, ChangeKind, FailoverRecord, Step};
 use crate::status::Intent;
 
 /// What one member knows when it decides.
@@ -48,11 +49,19 @@ pub enum Move {
 }
 
 /// The failover rules for the current state.
+/// In synchronous mode only members of the committed synchronous set may be promoted (`on`
+/// degraded to an empty set falls back to the lag limit; `strict` never does).
 pub fn rules(state: &ClusterState) -> Rules {
+    use crate::dynconfig::SyncMode;
+    let sync_set = match state.config.failover.synchronous_mode {
+        SyncMode::Off => None,
+        SyncMode::On if state.sync.is_empty() => None,
+        SyncMode::On | SyncMode::Strict => Some(state.sync.clone()),
+    };
     Rules {
         maximum_lag_on_failover: state.config.failover.maximum_lag_on_failover,
         primary_lsn: state.lease.as_ref().and_then(|l| l.last_lsn),
-        sync_set: None,
+        sync_set,
     }
 }
 
@@ -180,6 +189,78 @@ fn elect(i: &Inputs) -> Move {
                 "no eligible candidate to take over (this member: {mine})"
             ))
         }
+    }
+}
+
+/// The failover record of an acquisition this member is about to propose: who held the lease
+/// and why it was lost, every candidate with its verdict, why this member wins, and the first
+/// steps (the old lease's expiry, this decision).
+pub fn failover_record(
+    kind: ChangeKind,
+    me: &str,
+    state: &ClusterState,
+    candidates: &[Candidate],
+    now_ms: u64,
+    won_because: &str,
+) -> FailoverRecord {
+    let r = rules(state);
+    let lease = state.lease.as_ref();
+    let lost_because = match lease {
+        None => "no lease was ever granted".to_string(),
+        Some(l) if l.released => format!(
+            "{} released it{}",
+            l.holder,
+            l.successor
+                .as_ref()
+                .map(|s| format!(" to {s}"))
+                .unwrap_or_default()
+        ),
+        Some(l) => format!(
+            "{}'s lease (epoch {}) ran out at {} without a renewal",
+            l.holder,
+            l.epoch,
+            crate::timefmt::format_rfc3339(l.expires_at_ms)
+        ),
+    };
+    let mut steps = Vec::new();
+    if let Some(l) = lease.filter(|l| !l.released) {
+        steps.push(Step {
+            step: "lease_expired".into(),
+            at_ms: l.expires_at_ms,
+            by: l.holder.clone(),
+            detail: String::new(),
+        });
+    }
+    steps.push(Step {
+        step: "elected".into(),
+        at_ms: now_ms,
+        by: me.to_string(),
+        detail: String::new(),
+    });
+    FailoverRecord {
+        epoch: 0,
+        kind,
+        old_holder: lease.map(|l| l.holder.clone()),
+        lost_because,
+        new_holder: me.to_string(),
+        won_because: won_because.to_string(),
+        candidates: candidates
+            .iter()
+            .map(|c| CandidateRecord {
+                name: c.name.clone(),
+                received_lsn: c.received_lsn,
+                lag_bytes: r
+                    .primary_lsn
+                    .zip(c.received_lsn)
+                    .map(|(p, m)| p.bytes_after(m)),
+                nofailover: c.nofailover,
+                failover_priority: c.failover_priority,
+                synchronous: state.sync.contains(&c.name),
+                verdict: verdict(c, &r),
+            })
+            .collect(),
+        old_primary_lsn: r.primary_lsn,
+        steps,
     }
 }
 
@@ -369,6 +450,64 @@ mod tests {
         assert!(matches!(next_move(&j), Move::Acquire { .. }));
         j.local_primary_running = false;
         assert!(matches!(next_move(&j), Move::Wait(w) if w.contains("initial primary")));
+    }
+
+    #[test]
+    fn in_synchronous_mode_only_the_committed_set_may_take_over() {
+        use crate::dynconfig::SyncMode;
+        let mut st = held("a", 10_000);
+        st.config.failover.synchronous_mode = SyncMode::On;
+        st.sync = vec!["b".into()];
+        // c has more WAL but is not synchronous; b is, so b wins and c waits.
+        let c = [cand("b", 900), cand("c", 5000)];
+        let now = 11_000;
+        assert!(matches!(
+            next_move(&inputs("b", &st, now, &c)),
+            Move::Acquire { .. }
+        ));
+        assert_eq!(
+            next_move(&inputs("c", &st, now, &c)),
+            Move::Wait("b is the best candidate to take over".into())
+        );
+        // Strict with an empty set: nobody (writes were blocked, nothing to lose either way).
+        st.config.failover.synchronous_mode = SyncMode::Strict;
+        st.sync.clear();
+        assert!(
+            matches!(next_move(&inputs("b", &st, now, &c)), Move::Wait(w) if w.contains("synchronous"))
+        );
+        // On, degraded to an empty set: the lag limit decides.
+        st.config.failover.synchronous_mode = SyncMode::On;
+        st.config.failover.maximum_lag_on_failover = 10_000;
+        assert!(matches!(
+            next_move(&inputs("c", &st, now, &c)),
+            Move::Acquire { .. }
+        ));
+    }
+
+    #[test]
+    fn the_record_names_every_candidate_and_why() {
+        let mut st = held("a", 10_000);
+        st.config.failover.maximum_lag_on_failover = 100;
+        let mut b = cand("b", 990);
+        b.failover_priority = 2;
+        let mut c = cand("c", 1000);
+        c.nofailover = true;
+        let d = cand("d", 10);
+        let r = failover_record(ChangeKind::Failover, "b", &st, &[b, c, d], 10_600, "best");
+        assert_eq!(r.old_holder.as_deref(), Some("a"));
+        assert!(r.lost_because.contains("ran out"), "{}", r.lost_because);
+        assert_eq!(r.old_primary_lsn, Some(Lsn(1000)));
+        let by_name = |n: &str| r.candidates.iter().find(|x| x.name == n).unwrap();
+        assert_eq!(by_name("b").lag_bytes, Some(10));
+        assert_eq!(by_name("b").verdict, Verdict::Eligible);
+        assert!(
+            matches!(&by_name("c").verdict, Verdict::Ineligible(w) if w.contains("nofailover"))
+        );
+        assert!(
+            matches!(&by_name("d").verdict, Verdict::Ineligible(w) if w.contains("maximum_lag_on_failover"))
+        );
+        let steps: Vec<_> = r.steps.iter().map(|s| (s.step.as_str(), s.at_ms)).collect();
+        assert_eq!(steps, [("lease_expired", 10_000), ("elected", 10_600)]);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use crate::dynconfig::{apply_patch, ConfigChange, ConfigPatch, DynamicConfig, PatchError};
 use crate::lsn::Lsn;
+use crate::record::{FailoverRecord, Step};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +54,17 @@ pub struct ClusterState {
     /// The last `CONFIG_HISTORY` configuration changes, oldest first.
     #[serde(default)]
     pub config_history: Vec<ConfigChange>,
+    /// The committed synchronous set (synchronous mode): the standbys every acknowledged
+    /// write has reached, so only they may be promoted.
+    #[serde(default)]
+    pub sync: Vec<String>,
+    /// One record per change of holder, oldest first (the last `FAILOVER_RECORDS`).
+    #[serde(default)]
+    pub failovers: Vec<FailoverRecord>,
 }
+
+/// How many failover records the state keeps.
+pub const FAILOVER_RECORDS: usize = 100;
 
 /// How many changes of holder the history keeps.
 pub const HOLDER_HISTORY: usize = 1000;
@@ -82,6 +93,9 @@ pub enum Proposal {
         ttl_ms: u64,
         reason: String,
         manual: bool,
+        /// What the acquirer saw: kept as this change's failover record.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record: Option<Box<FailoverRecord>>,
     },
     Renew {
         node: String,
@@ -102,6 +116,18 @@ pub enum Proposal {
         now_ms: u64,
         #[serde(default)]
         reserve_ms: u64,
+    },
+    /// The holder commits its synchronous set (before relying on an addition, after
+    /// dropping a member from `synchronous_standby_names`).
+    SetSync {
+        node: String,
+        epoch: u64,
+        members: Vec<String>,
+    },
+    /// A step of the failover record of `epoch` (promotion, first write, …).
+    RecordStep {
+        epoch: u64,
+        step: Step,
     },
     Pause,
     Resume,
@@ -158,6 +184,7 @@ impl ClusterState {
                 ttl_ms,
                 reason,
                 manual,
+                record,
             } => {
                 if self.paused && !manual {
                     return Err(Rejected::Paused);
@@ -207,6 +234,15 @@ impl ClusterState {
                 });
                 let excess = self.history.len().saturating_sub(HOLDER_HISTORY);
                 self.history.drain(..excess);
+                // The new primary is no longer a standby of anyone.
+                self.sync.retain(|m| m != node);
+                if let Some(r) = record {
+                    let mut r = (**r).clone();
+                    r.epoch = *epoch;
+                    self.failovers.push(r);
+                    let excess = self.failovers.len().saturating_sub(FAILOVER_RECORDS);
+                    self.failovers.drain(..excess);
+                }
                 Ok(())
             }
             Proposal::Renew {
@@ -242,6 +278,21 @@ impl ClusterState {
                 l.reserved_until_ms = now_ms + reserve_ms;
                 if lsn.is_some() {
                     l.last_lsn = l.last_lsn.max(*lsn);
+                }
+                Ok(())
+            }
+            Proposal::SetSync {
+                node,
+                epoch,
+                members,
+            } => {
+                self.holder_lease(node, *epoch)?;
+                self.sync = members.clone();
+                Ok(())
+            }
+            Proposal::RecordStep { epoch, step } => {
+                if let Some(r) = self.failovers.iter_mut().rev().find(|r| r.epoch == *epoch) {
+                    r.steps.push(step.clone());
                 }
                 Ok(())
             }
@@ -308,6 +359,7 @@ mod tests {
             ttl_ms: 1000,
             reason: "test".into(),
             manual: false,
+            record: None,
         }
     }
     fn renew(node: &str, epoch: u64, now: u64) -> Proposal {
@@ -432,6 +484,7 @@ mod tests {
             ttl_ms: 1000,
             reason: "manual failover".into(),
             manual: true,
+            record: None,
         };
         s.apply(&manual, 0).unwrap();
         // While paused the holder still renews: health checks and the lease keep working.

@@ -14,7 +14,9 @@ pub mod lease;
 pub mod lsn;
 pub mod metrics;
 pub mod pgtext;
+pub mod record;
 pub mod status;
+pub mod sync;
 pub mod timefmt;
 
 pub use lsn::Lsn;

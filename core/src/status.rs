@@ -133,6 +133,12 @@ pub struct Consensus {
     pub lease: Option<crate::lease::Lease>,
     /// Maintenance mode: no automatic failover.
     pub paused: bool,
+    /// `off`, `on` or `strict`.
+    #[serde(default)]
+    pub synchronous_mode: crate::dynconfig::SyncMode,
+    /// The committed synchronous set.
+    #[serde(default)]
+    pub sync: Vec<String>,
 }
 
 /// Everything the agent knows about its node.
@@ -179,6 +185,9 @@ pub struct NodeStatus {
     /// When the agent's loop last completed, in milliseconds since the Unix epoch.
     pub last_loop_ms: u64,
     pub agent_version: String,
+    /// A witness: an agent without PostgreSQL that only votes.
+    #[serde(default)]
+    pub witness: bool,
 }
 
 impl NodeStatus {

@@ -214,6 +214,7 @@ fn run(seed: u64, s: Settings) -> Result<usize, String> {
                             ttl_ms: s.ttl_ms,
                             reason: "sim".into(),
                             manual: false,
+                            record: None,
                         })
                     } else {
                         None
