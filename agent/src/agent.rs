@@ -10,8 +10,10 @@ use crate::sys::{self, now_ms};
 use anyhow::{anyhow, Context, Result};
 use pgwarden_core::config::{AgentConfig, Member};
 use pgwarden_core::decide::{next_action, Action, DataDir, Observed, OneShot, Postmaster};
+use pgwarden_core::dynconfig::SyncMode;
 use pgwarden_core::elect::Move;
 use pgwarden_core::pgtext::{self, RewindNeed};
+use pgwarden_core::record::ChangeKind;
 use pgwarden_core::status::{
     DesiredRole, Intent, NodeStatus, PgState, Progress, Role, WalPositions,
 };
@@ -176,6 +178,8 @@ pub struct Agent {
     /// The last lease decision that was a wait, for the status.
     lease_wait: Option<String>,
     last_lease_error: Option<String>,
+    /// The last SQL observation (for the synchronous-replication step).
+    last_sql: Option<SqlStatus>,
 }
 
 /// How long an API operation waits on a condition it cannot change (e.g. an unreachable
@@ -214,6 +218,7 @@ impl Agent {
             scheduled: None,
             lease_wait: None,
             last_lease_error: None,
+            last_sql: None,
         };
         Ok(agent)
     }
@@ -583,7 +588,9 @@ impl Agent {
                 }
             }
         }
-        crate::lease::acquire(&self.shared, &format!("switchover from {from}"), true)
+        let reason = format!("switchover from {from}");
+        let record = self.change_record(ChangeKind::Switchover, &reason);
+        crate::lease::acquire(&self.shared, &reason, true, Some(record))
             .await
             .map_err(|e| OpError::new(409, format!("take the lease: {e:#}")))?;
         self.converge("takeover").await?;
@@ -613,9 +620,11 @@ impl Agent {
                         format!("{me}: PostgreSQL does not run as a replica here"),
                     ));
                 }
-                let epoch = crate::lease::acquire(&self.shared, "manual failover", true)
-                    .await
-                    .map_err(|e| OpError::new(409, format!("take the lease: {e:#}")))?;
+                let record = self.change_record(ChangeKind::ManualFailover, "manual failover");
+                let epoch =
+                    crate::lease::acquire(&self.shared, "manual failover", true, Some(record))
+                        .await
+                        .map_err(|e| OpError::new(409, format!("take the lease: {e:#}")))?;
                 self.converge("failover").await?;
                 return Ok(format!(
                     "{me} took the lease (epoch {epoch}) and was promoted {} ms after the request",
@@ -703,9 +712,26 @@ impl Agent {
                 Ok(())
             }
             Move::Renew => crate::lease::renew(&self.shared).await,
-            Move::Acquire { reason } => crate::lease::acquire(&self.shared, &reason, false)
-                .await
-                .map(|_| ()),
+            Move::Acquire { reason } => {
+                let kind = if st.lease.is_none() {
+                    ChangeKind::Bootstrap
+                } else if st.lease.as_ref().is_some_and(|l| l.successor.is_some()) {
+                    ChangeKind::Switchover
+                } else {
+                    ChangeKind::Failover
+                };
+                let record = pgwarden_core::elect::failover_record(
+                    kind,
+                    &self.cfg.node.name,
+                    &st,
+                    &cands,
+                    now_ms(),
+                    &reason,
+                );
+                crate::lease::acquire(&self.shared, &reason, false, Some(record))
+                    .await
+                    .map(|_| ())
+            }
             Move::Release { reason } => {
                 crate::lease::release(&self.shared, None, None, &reason).await
             }
@@ -736,6 +762,95 @@ impl Agent {
         })
     }
 
+    /// A failover record for an acquisition this node is about to propose.
+    fn change_record(&self, kind: ChangeKind, why: &str) -> pgwarden_core::record::FailoverRecord {
+        let st = self.shared.consensus.sm.state();
+        let cands = candidates(&self.shared.status(), &self.peers);
+        pgwarden_core::elect::failover_record(kind, &self.cfg.node.name, &st, &cands, now_ms(), why)
+    }
+
+    /// Synchronous mode on the primary: one step of `core::sync::plan` per loop — wait for a
+    /// standby before committing it, commit a removal before dropping it.
+    async fn sync_step(&mut self, sql: &SqlStatus) {
+        use pgwarden_core::sync::{self, Standby, SyncStep};
+        let Some(epoch) = self.shared.lease.holding() else {
+            return;
+        };
+        if sql.in_recovery {
+            return;
+        }
+        let st = self.shared.consensus.sm.state();
+        let f = st.config.failover;
+        let standbys: Vec<Standby> = sql
+            .replication
+            .iter()
+            .filter(|r| self.cfg.member(&r.application_name).is_some())
+            .map(|r| {
+                let tags = self
+                    .peer_status(&r.application_name)
+                    .map(|p| p.tags.clone())
+                    .unwrap_or_default();
+                Standby {
+                    name: r.application_name.clone(),
+                    streaming: r.state == "streaming",
+                    confirmed: r.sync_state == "sync" || r.sync_state == "quorum",
+                    nosync: tags.nosync,
+                    sync_priority: tags.sync_priority.unwrap_or(1),
+                    flush_lsn: r.flush_lsn,
+                }
+            })
+            .collect();
+        let waiting = sync::parse(&sql.synchronous_standby_names);
+        let step = sync::plan(
+            f.synchronous_mode,
+            f.synchronous_node_count,
+            &st.sync,
+            &waiting,
+            &standbys,
+        );
+        let res = match &step {
+            SyncStep::Nothing => return,
+            SyncStep::Commit(members) => {
+                let p = pgwarden_core::lease::Proposal::SetSync {
+                    node: self.cfg.node.name.clone(),
+                    epoch,
+                    members: members.clone(),
+                };
+                match self.shared.consensus.propose(p).await {
+                    Ok(crate::raft::Applied(Ok(()))) => Ok(()),
+                    Ok(crate::raft::Applied(Err(r))) => Err(anyhow!("{r}")),
+                    Err(e) => Err(e),
+                }
+            }
+            SyncStep::Wait(names) => {
+                self.pg
+                    .set_synchronous_standby_names(&sync::render(names))
+                    .await
+            }
+        };
+        match (res, step) {
+            (Ok(()), SyncStep::Commit(m)) if m.is_empty() && f.synchronous_mode == SyncMode::On => {
+                self.shared.events.record(
+                    "synchronous_degraded",
+                    "no synchronous standby is available: writes are acknowledged without one \
+                     (synchronous_mode on); failover falls back to maximum_lag_on_failover",
+                );
+            }
+            (Ok(()), SyncStep::Commit(m)) => self.shared.events.record(
+                "sync_set_committed",
+                format!("committed synchronous set: [{}]", m.join(", ")),
+            ),
+            (Ok(()), SyncStep::Wait(n)) => self.shared.events.record(
+                "synchronous_standby_names",
+                format!("PostgreSQL now waits for: {:?}", sync::render(&n)),
+            ),
+            (Err(e), _) => {
+                tracing::warn!(error = %format!("{e:#}"), "synchronous replication step")
+            }
+            _ => {}
+        }
+    }
+
     /// Refuses to make PostgreSQL writable without the lease.
     fn require_lease(&self, what: &str) -> Result<u64> {
         self.shared
@@ -748,10 +863,27 @@ impl Agent {
     pub async fn step(&mut self) -> Action {
         let obs = self.observe().await;
         self.lease_step().await;
+        if let Some(sql) = self.last_sql.take() {
+            self.sync_step(&sql).await;
+        }
         let action = next_action(&self.intent, &obs, self.pending);
         let waiting = match &action {
             Action::Wait(w) => Some(w.clone()),
-            _ => self.lease_wait.clone(),
+            _ => self.lease_wait.clone().or_else(|| {
+                self.last_lease_error.as_ref().map(|e| {
+                    let total = self.peers.len() + 1;
+                    let up = 1 + self.peers.iter().filter(|(_, s)| s.is_some()).count();
+                    if up * 2 <= total {
+                        format!(
+                            "no majority: only {up} of {total} members answer, so nothing can be \
+                             committed and no member may take the lease (a two-node cluster \
+                             needs a witness to fail over); last attempt: {e}"
+                        )
+                    } else {
+                        format!("cannot commit to the lease: {e}")
+                    }
+                })
+            }),
         };
         self.shared.update(|s| s.waiting_for = waiting);
         match &action {
@@ -935,6 +1067,7 @@ impl Agent {
             _ => false,
         };
         let peer_has_cluster = self.peer_has_cluster();
+        self.last_sql = sql.clone();
         self.publish(&data_dir, postmaster, sql.as_ref(), following.clone());
         Observed {
             data_dir,
@@ -1031,7 +1164,9 @@ impl Agent {
         let intent = self.intent.clone();
         let crash_restarts = self.crash_restarts;
         let consensus = self.shared.consensus.info();
-        let quorum = consensus.leader.is_some();
+        // A leader that lost its majority does not always know it yet: count who answers.
+        let answering = 1 + self.peers.iter().filter(|(_, s)| s.is_some()).count();
+        let quorum = consensus.leader.is_some() && answering * 2 > self.peers.len() + 1;
         self.shared.update(|s| {
             s.consensus = Some(consensus);
             s.name = me.clone();
@@ -1227,12 +1362,44 @@ impl Agent {
             }
             Action::Promote => {
                 let epoch = self.require_lease("promote")?;
+                // In synchronous mode the new primary waits for the committed set (or, strict
+                // with none, for any standby) from its first write on.
+                let st = self.shared.consensus.sm.state();
+                let mode = st.config.failover.synchronous_mode;
+                if mode != SyncMode::Off {
+                    let names = if st.sync.is_empty() && mode == SyncMode::Strict {
+                        vec![pgwarden_core::sync::ANY.to_string()]
+                    } else {
+                        st.sync.clone()
+                    };
+                    self.pg
+                        .set_synchronous_standby_names(&pgwarden_core::sync::render(&names))
+                        .await?;
+                }
                 self.pg.promote().await?;
+                crate::lease::record_step(&self.shared, epoch, "promoted", String::new()).await;
                 self.pg.ensure_roles().await?;
+                let ev = &self.shared.events;
                 ev.record(
                     "promoted",
                     format!("promoted to primary (lease epoch {epoch})"),
                 );
+                // A synchronous primary's first write waits for a standby: not measured here.
+                let no_wait = mode == SyncMode::Off || (mode == SyncMode::On && st.sync.is_empty());
+                let wrote = no_wait
+                    && matches!(
+                        tokio::time::timeout(Duration::from_secs(2), self.pg.write_probe()).await,
+                        Ok(Ok(()))
+                    );
+                if wrote {
+                    crate::lease::record_step(
+                        &self.shared,
+                        epoch,
+                        "first_write_accepted",
+                        String::new(),
+                    )
+                    .await;
+                }
                 // The first checkpoint on the new timeline lets others pg_rewind from here.
                 let me = self.cfg.me().clone();
                 let client = self.pg.connect_member(&me).await;
@@ -1430,7 +1597,7 @@ fn candidates(
         Some(s) => Candidate {
             name: name.to_string(),
             healthy: s.is_running_replica(),
-            witness: false,
+            witness: s.witness,
             nofailover: s.tags.nofailover,
             failover_priority: s.tags.effective_failover_priority(),
             received_lsn: s.wal.received.max(s.wal.replayed),

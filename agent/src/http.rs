@@ -92,6 +92,7 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/status", get(status_handler))
         .route("/v1/events", get(events_handler))
         .route("/v1/cluster", get(cluster_handler))
+        .route("/v1/history", get(history_handler))
         .route("/v1/switchover", post(switchover))
         .route("/v1/failover", post(failover))
         .route("/v1/takeover", post(takeover))
@@ -228,6 +229,14 @@ async fn run_op(shared: Arc<Shared>, op: Op) -> Response {
             format!("{name} did not answer"),
         )),
     }
+}
+
+/// `GET /v1/history`: the failover records in the replicated state, oldest first.
+async fn history_handler(State(s): State<Arc<Shared>>) -> Response {
+    Json(pgwarden_core::record::History {
+        failovers: s.consensus.sm.state().failovers,
+    })
+    .into_response()
 }
 
 #[derive(serde::Deserialize, Default)]

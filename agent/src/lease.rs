@@ -148,7 +148,12 @@ pub async fn renew(shared: &Shared) -> Result<()> {
 }
 
 /// Takes the lease (epoch + 1). `manual` is an operator's failover (allowed while paused).
-pub async fn acquire(shared: &Shared, reason: &str, manual: bool) -> Result<u64> {
+pub async fn acquire(
+    shared: &Shared,
+    reason: &str,
+    manual: bool,
+    record: Option<pgwarden_core::record::FailoverRecord>,
+) -> Result<u64> {
     let keeper = &shared.lease;
     let st = shared.consensus.sm.state();
     let f = st.config.failover;
@@ -161,6 +166,7 @@ pub async fn acquire(shared: &Shared, reason: &str, manual: bool) -> Result<u64>
         ttl_ms: f.ttl_ms(),
         reason: reason.into(),
         manual,
+        record: record.map(Box::new),
     };
     match shared.consensus.propose(p).await? {
         Applied(Ok(())) => {
@@ -172,6 +178,22 @@ pub async fn acquire(shared: &Shared, reason: &str, manual: bool) -> Result<u64>
             Ok(epoch)
         }
         Applied(Err(r)) => Err(rejected(r)),
+    }
+}
+
+/// Adds a step to the failover record of `epoch` (best effort: the record is for people).
+pub async fn record_step(shared: &Shared, epoch: u64, step: &str, detail: String) {
+    let p = Proposal::RecordStep {
+        epoch,
+        step: pgwarden_core::record::Step {
+            step: step.into(),
+            at_ms: sys::now_ms(),
+            by: shared.lease.me.clone(),
+            detail,
+        },
+    };
+    if let Err(e) = shared.consensus.propose(p).await {
+        tracing::debug!(error = %format!("{e:#}"), "record a failover step");
     }
 }
 

@@ -11,3 +11,4 @@ pub mod pg;
 pub mod raft;
 pub mod sys;
 pub mod tls;
+pub mod witness;

@@ -214,12 +214,20 @@ fn main() -> ExitCode {
 
 async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     let cfg = Arc::new(cfg);
-    let major = match cfg.postgresql.major_version {
-        Some(v) => v,
-        None => pg::Pg::binary_major(&cfg.postgresql.bin_dir).await?,
+    let witness = cfg.me().witness;
+    let (pg, major) = if witness {
+        std::fs::create_dir_all(&cfg.node.state_dir)
+            .with_context(|| format!("create {}", cfg.node.state_dir))?;
+        (None, 0)
+    } else {
+        let major = match cfg.postgresql.major_version {
+            Some(v) => v,
+            None => pg::Pg::binary_major(&cfg.postgresql.bin_dir).await?,
+        };
+        let pg = pg::Pg::new(cfg.clone(), secrets.superuser, secrets.replication, major)?;
+        pg.prepare_dirs()?;
+        (Some(pg), major)
     };
-    let pg = pg::Pg::new(cfg.clone(), secrets.superuser, secrets.replication, major)?;
-    pg.prepare_dirs()?;
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let consensus = Arc::new(raft::node::Consensus::start(&cfg, &secrets.token).await?);
     let tls = match &cfg.tls {
@@ -248,10 +256,12 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
             &cfg.postgresql.data_dir,
         ),
     });
-    pgwarden_agent::guard::ensure(
-        Path::new(&cfg.node.state_dir),
-        Path::new(&cfg.postgresql.data_dir),
-    )?;
+    if !witness {
+        pgwarden_agent::guard::ensure(
+            Path::new(&cfg.node.state_dir),
+            Path::new(&cfg.postgresql.data_dir),
+        )?;
+    }
     let health = tokio::net::TcpListener::bind(cfg.health_listen())
         .await
         .with_context(|| format!("listen on {} (health)", cfg.health_listen()))?;
@@ -264,13 +274,26 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
         health = %cfg.health_listen(),
         api = %cfg.api_listen(),
         postgres_major = major,
+        witness,
         "agent starting"
     );
     shared.events.record(
         "agent_started",
         format!("agent {} started", env!("CARGO_PKG_VERSION")),
     );
-    let agent = agent::Agent::new(shared.clone(), pg)?;
+    let agent = match pg {
+        Some(pg) => Some(agent::Agent::new(shared.clone(), pg)?),
+        None => None,
+    };
+    let main_loop = {
+        let shared = shared.clone();
+        async move {
+            match agent {
+                Some(a) => a.run(rx).await,
+                None => pgwarden_agent::witness::run(shared, rx).await,
+            }
+        }
+    };
     let h = axum::serve(health, http::health_router(shared.clone()));
     let a = async {
         match tls {
@@ -287,8 +310,8 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     tokio::select! {
         r = h => r.context("health server")?,
         r = a => r.context("api server")?,
-        _ = agent.run(rx) => {},
-        _ = pgwarden_agent::lease::run(shared.clone()) => {},
+        _ = main_loop => {},
+        _ = pgwarden_agent::lease::run(shared.clone()), if !witness => {},
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; leaving PostgreSQL running"),
         _ = term.recv() => tracing::info!("terminated; leaving PostgreSQL running"),
     }

@@ -36,6 +36,8 @@ pub struct SqlStatus {
     pub pending_restart: Vec<String>,
     pub wal_receiver: Option<WalReceiver>,
     pub replication: Vec<ReplicationConn>,
+    /// `synchronous_standby_names` in effect.
+    pub synchronous_standby_names: String,
 }
 
 pub struct Pg {
@@ -517,7 +519,8 @@ impl Pg {
                     CASE WHEN pg_is_in_recovery()
                          THEN (SELECT timeline_id FROM pg_control_checkpoint())::text
                          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::text END,
-                    (SELECT string_agg(name, ',' ORDER BY name) FROM pg_settings WHERE pending_restart)",
+                    (SELECT string_agg(name, ',' ORDER BY name) FROM pg_settings WHERE pending_restart),
+                    current_setting('synchronous_standby_names')",
                 &[],
             )
             .await
@@ -539,6 +542,7 @@ impl Pg {
             pending_restart: col::<String>(&r, 9)
                 .map(|s| s.split(',').map(String::from).collect())
                 .unwrap_or_default(),
+            synchronous_standby_names: col(&r, 10).unwrap_or_default(),
             ..Default::default()
         };
         let rows = c
@@ -585,6 +589,40 @@ impl Pg {
             })
             .collect();
         Ok(st)
+    }
+
+    /// Sets `synchronous_standby_names` (ALTER SYSTEM, so it survives restarts and a
+    /// promotion) and reloads. Works on a standby too, ahead of its promotion.
+    pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
+        let c = self.connect().await?;
+        let stmt = format!(
+            "ALTER SYSTEM SET synchronous_standby_names = {}",
+            pgtext::quote_conf(value)
+        );
+        c.batch_execute(&stmt).await.with_context(|| stmt.clone())?;
+        c.batch_execute("SELECT pg_reload_conf()")
+            .await
+            .context("pg_reload_conf")?;
+        // The reload is asynchronous: wait until this backend sees the new value.
+        for _ in 0..100 {
+            let row = c
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await
+                .context("read synchronous_standby_names")?;
+            if col::<String>(&row, 0).as_deref() == Some(value) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("synchronous_standby_names did not take effect after a reload")
+    }
+
+    /// Runs one write (assigns a transaction id) to see that the primary accepts writes.
+    pub async fn write_probe(&mut self) -> Result<()> {
+        let c = self.connect().await?;
+        c.batch_execute("SELECT txid_current()")
+            .await
+            .context("txid_current")
     }
 
     /// The last WAL position a standby received (or replayed, when nothing streamed yet).

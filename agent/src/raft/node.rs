@@ -110,6 +110,8 @@ impl Consensus {
                 .collect(),
             lease: state.lease.clone(),
             paused: state.paused,
+            synchronous_mode: state.config.failover.synchronous_mode,
+            sync: state.sync.clone(),
         }
     }
 

@@ -454,6 +454,7 @@ mod tests {
                     ttl_ms: 5000,
                     reason: "bootstrap".into(),
                     manual: false,
+                    record: None,
                 }),
             };
             // Append through the in-memory path the way openraft does, then apply.
