@@ -46,6 +46,8 @@ pub struct LabSpec {
     pub tls: bool,
     /// Extra TOML appended to a node's agent configuration, e.g. `("n3", "[tags]\nclonefrom = true")`.
     pub node_config: Vec<(String, String)>,
+    /// Witness hosts (`w1`, …) after the PostgreSQL nodes: an agent without PostgreSQL.
+    pub witnesses: usize,
 }
 
 impl LabSpec {
@@ -67,6 +69,7 @@ impl LabSpec {
             agent_env: Vec::new(),
             tls: true,
             node_config: Vec::new(),
+            witnesses: 0,
         }
     }
 }
@@ -84,6 +87,9 @@ pub struct LabNode {
     pub data_dir: PathBuf,
     pub config: PathBuf,
     pub agent_pid: Option<i32>,
+    /// Runs only the agent (no PostgreSQL).
+    #[serde(default)]
+    pub witness: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -195,8 +201,8 @@ impl Lab {
     /// Call `wait_healthy` to wait for the cluster.
     pub fn create(spec: &LabSpec) -> Result<Lab> {
         check_lab_name(&spec.name)?;
-        if spec.nodes == 0 || spec.nodes > 9 {
-            bail!("--nodes must be between 1 and 9");
+        if spec.nodes == 0 || spec.nodes + spec.witnesses > 9 {
+            bail!("--nodes must be between 1 and 9 (witnesses included)");
         }
         if spec.mode == Mode::Netns && !is_root() {
             bail!("network namespaces need root; use loopback mode");
@@ -226,8 +232,13 @@ impl Lab {
             tls: None,
             nodes: Vec::new(),
         };
-        for i in 1..=spec.nodes {
-            let name = format!("n{i}");
+        for i in 1..=spec.nodes + spec.witnesses {
+            let witness = i > spec.nodes;
+            let name = if witness {
+                format!("w{}", i - spec.nodes)
+            } else {
+                format!("n{i}")
+            };
             let dir = spec.dir.join(&name);
             let (host, netns, veth, ports) = match spec.mode {
                 Mode::Netns => (
@@ -253,6 +264,7 @@ impl Lab {
                 config: dir.join("agent.toml"),
                 dir,
                 agent_pid: None,
+                witness,
             });
         }
         lab.save()?;
@@ -353,8 +365,13 @@ impl Lab {
         let mut members = String::new();
         for m in &self.nodes {
             members.push_str(&format!(
-                "\n[[cluster.members]]\nname = \"{}\"\nhost = \"{}\"\npg_port = {}\nhealth_port = {}\napi_port = {}\n",
-                m.name, m.host, m.pg_port, m.health_port, m.api_port
+                "\n[[cluster.members]]\nname = \"{}\"\nhost = \"{}\"\npg_port = {}\nhealth_port = {}\napi_port = {}\n{}",
+                m.name,
+                m.host,
+                m.pg_port,
+                m.health_port,
+                m.api_port,
+                if m.witness { "witness = true\n" } else { "" }
             ));
         }
         let (listen, extra_hba) = match self.mode {
@@ -704,6 +721,7 @@ log_line_prefix = "%m [%p] %q%a "
                 let p = primaries[0].clone();
                 let all_streaming = st.iter().all(|(n, s)| {
                     *n == p
+                        || s.as_ref().is_some_and(|s| s.witness)
                         || s.as_ref().is_some_and(|s| {
                             s.is_streaming() && s.upstream.as_deref() == Some(p.as_str())
                         })

@@ -30,6 +30,9 @@ enum Cmd {
     Up {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Witness hosts (w1, …): an agent without PostgreSQL, e.g. `--nodes 2 --witnesses 1`.
+        #[arg(long, default_value_t = 0)]
+        witnesses: usize,
         /// The lab's /24 inside 10.77.0.0/16.
         #[arg(long, default_value = "10.77.0.0/24")]
         subnet: String,
@@ -92,6 +95,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Up {
             nodes,
+            witnesses,
             subnet,
             loopback,
             base_port,
@@ -103,6 +107,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut spec = LabSpec::new(&cli.name);
             spec.dir = dir;
             spec.nodes = nodes;
+            spec.witnesses = witnesses;
             spec.subnet = subnet;
             spec.base_port = base_port;
             spec.pg_bin = pg_bin;

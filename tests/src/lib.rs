@@ -272,7 +272,13 @@ impl TestLab {
 
     /// Waits until every node except `primary` streams from it.
     pub async fn wait_streaming_from(&self, primary: &str, timeout: Duration) {
-        let names: Vec<String> = self.lab.nodes.iter().map(|n| n.name.clone()).collect();
+        let names: Vec<String> = self
+            .lab
+            .nodes
+            .iter()
+            .filter(|n| !n.witness)
+            .map(|n| n.name.clone())
+            .collect();
         wait_for(
             timeout,
             &format!("all replicas streaming from {primary}"),
@@ -308,6 +314,7 @@ impl TestLab {
             .lab
             .nodes
             .iter()
+            .filter(|n| !n.witness)
             .map(|n| (n.name.clone(), self.lab.dsn(&n.name).expect("dsn")))
             .collect();
         let cfg = pgwarden_lab::probe::ProbeConfig {
