@@ -1,8 +1,8 @@
 //! `edit-config`: the dynamic configuration as an editable TOML text, and the patch (with a
 //! readable diff) that an edited text amounts to.
 
-use anyhow::{bail, Context, Result};
-use pgwarden_core::dynconfig::{ConfigPatch, DynamicConfig};
+use anyhow::{anyhow, bail, Context, Result};
+use pgwarden_core::dynconfig::{ConfigPatch, DynamicConfig, FailoverSettings};
 use std::collections::BTreeMap;
 
 /// A `postgresql.conf` value as a TOML value: quoted strings become strings, numbers numbers,
@@ -34,14 +34,48 @@ fn to_json(v: &toml::Value) -> Result<serde_json::Value> {
     })
 }
 
+/// The lease and failover settings, as top-level keys of the edited text, in this order.
+const SETTINGS: [&str; 6] = [
+    "ttl",
+    "clock_drift",
+    "maximum_lag_on_failover",
+    "primary_start_timeout",
+    "synchronous_mode",
+    "synchronous_node_count",
+];
+
+/// The failover settings as TOML values, in the order of `SETTINGS`: durations and the mode
+/// as strings, byte counts and the node count as integers.
+fn settings(f: &FailoverSettings) -> [toml::Value; 6] {
+    let s = |v: String| toml::Value::String(v);
+    let i = |v: u64| match i64::try_from(v) {
+        Ok(n) => toml::Value::Integer(n),
+        Err(_) => toml::Value::String(v.to_string()),
+    };
+    [
+        s(f.ttl.to_string()),
+        s(f.clock_drift.to_string()),
+        i(f.maximum_lag_on_failover),
+        s(f.primary_start_timeout.to_string()),
+        s(f.synchronous_mode.to_string()),
+        i(u64::from(f.synchronous_node_count)),
+    ]
+}
+
 /// The text an operator edits.
 pub fn to_editable(c: &DynamicConfig) -> String {
     let mut out = format!(
         "# pgwarden dynamic configuration, version {}.\n\
-         # Edit and save. Remove a line to reset that parameter to the node files' value.\n\
-         pg_hba = [\n",
+         # Edit and save. Remove a setting's line to reset it to its default, a parameter's\n\
+         # line to reset it to the node files' value.\n\
+         \n\
+         # The lease and failover (docs/failover.md).\n",
         c.version
     );
+    for (k, v) in SETTINGS.iter().zip(settings(&c.failover)) {
+        out.push_str(&format!("{k} = {v}\n"));
+    }
+    out.push_str("\npg_hba = [\n");
     for l in &c.pg_hba {
         out.push_str(&format!("    {},\n", toml::Value::String(l.clone())));
     }
@@ -59,6 +93,55 @@ struct Edited {
     pg_hba: Vec<String>,
     #[serde(default)]
     parameters: BTreeMap<String, toml::Value>,
+    ttl: Option<toml::Value>,
+    clock_drift: Option<toml::Value>,
+    maximum_lag_on_failover: Option<toml::Value>,
+    primary_start_timeout: Option<toml::Value>,
+    synchronous_mode: Option<toml::Value>,
+    synchronous_node_count: Option<toml::Value>,
+}
+
+impl Edited {
+    /// The edited failover settings, in the order of `SETTINGS`.
+    fn settings(&self) -> [&Option<toml::Value>; 6] {
+        [
+            &self.ttl,
+            &self.clock_drift,
+            &self.maximum_lag_on_failover,
+            &self.primary_start_timeout,
+            &self.synchronous_mode,
+            &self.synchronous_node_count,
+        ]
+    }
+}
+
+/// A setting the patch carries as a string (a duration, the synchronous mode). A bare
+/// integer is passed on as written; the agent validates the value.
+fn setting_string(k: &str, v: &toml::Value) -> Result<String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        other => bail!("{k} = {other}: write it as a string, like {k} = \"3s\""),
+    }
+}
+
+/// A setting the patch carries as JSON (a number, or a size string); the agent validates it.
+fn setting_json(k: &str, v: &toml::Value) -> Result<serde_json::Value> {
+    to_json(v).map_err(|_| anyhow!("{k} = {v}: write a number or a string"))
+}
+
+/// Sets one failover setting in the patch, as its type there requires.
+fn set_setting(patch: &mut ConfigPatch, k: &str, v: &toml::Value) -> Result<()> {
+    match k {
+        "ttl" => patch.ttl = Some(setting_string(k, v)?),
+        "clock_drift" => patch.clock_drift = Some(setting_string(k, v)?),
+        "primary_start_timeout" => patch.primary_start_timeout = Some(setting_string(k, v)?),
+        "synchronous_mode" => patch.synchronous_mode = Some(setting_string(k, v)?),
+        "maximum_lag_on_failover" => patch.maximum_lag_on_failover = Some(setting_json(k, v)?),
+        "synchronous_node_count" => patch.synchronous_node_count = Some(setting_json(k, v)?),
+        _ => bail!("{k} is not a failover setting"),
+    }
+    Ok(())
 }
 
 /// The patch an edited text amounts to, and its diff (`-`/`+` lines). Empty when unchanged.
@@ -66,6 +149,22 @@ pub fn patch_from(c: &DynamicConfig, text: &str) -> Result<(ConfigPatch, Vec<Str
     let e: Edited = toml::from_str(text).context("the edited configuration is not valid")?;
     let mut patch = ConfigPatch::default();
     let mut diff = Vec::new();
+    let defaults = settings(&FailoverSettings::default());
+    for (i, (k, o)) in SETTINGS.iter().zip(settings(&c.failover)).enumerate() {
+        // A removed line means the default.
+        let v = e.settings()[i].as_ref().unwrap_or(&defaults[i]);
+        if *v != o {
+            diff.push(format!("-{k} = {o}"));
+            diff.push(format!("+{k} = {v}"));
+            set_setting(&mut patch, k, v)?;
+        }
+    }
+    if let Some(k) = e.parameters.keys().find(|k| SETTINGS.contains(&k.as_str())) {
+        bail!(
+            "parameters.{k}: {k} is a pgwarden setting, not a PostgreSQL parameter: \
+             put it above [parameters]"
+        );
+    }
     let old: BTreeMap<String, toml::Value> = c
         .parameters
         .iter()
@@ -103,6 +202,8 @@ pub fn patch_from(c: &DynamicConfig, text: &str) -> Result<(ConfigPatch, Vec<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pgwarden_core::duration::ConfDuration;
+    use pgwarden_core::dynconfig::SyncMode;
 
     fn config() -> DynamicConfig {
         let mut c = DynamicConfig {
@@ -125,9 +226,124 @@ mod tests {
         let text = to_editable(&c);
         assert!(text.contains("work_mem = \"7MB\""), "{text}");
         assert!(text.contains("max_connections = 41"), "{text}");
+        // The failover settings are top-level keys, before pg_hba and [parameters].
+        let pos = |needle: &str| {
+            text.find(needle)
+                .unwrap_or_else(|| panic!("{needle:?} not in {text}"))
+        };
+        for line in [
+            "\nttl = \"3s\"\n",
+            "\nclock_drift = \"500ms\"\n",
+            "\nmaximum_lag_on_failover = 1048576\n",
+            "\nprimary_start_timeout = \"30s\"\n",
+            "\nsynchronous_mode = \"off\"\n",
+            "\nsynchronous_node_count = 1\n",
+        ] {
+            assert!(pos(line) < pos("\npg_hba = ["), "{text}");
+            assert!(pos(line) < pos("\n[parameters]"), "{text}");
+        }
         let (p, diff) = patch_from(&c, &text).unwrap();
         assert_eq!(p, ConfigPatch::default());
         assert!(diff.is_empty(), "{diff:?}");
+
+        // Settings other than the defaults come back unchanged too.
+        let mut c = config();
+        c.failover.ttl = ConfDuration::millis(1200);
+        c.failover.clock_drift = ConfDuration::millis(100);
+        c.failover.maximum_lag_on_failover = 16 << 20;
+        c.failover.synchronous_mode = SyncMode::Strict;
+        c.failover.synchronous_node_count = 2;
+        let text = to_editable(&c);
+        assert!(text.contains("\nttl = \"1200ms\"\n"), "{text}");
+        assert!(text.contains("\nsynchronous_mode = \"strict\"\n"), "{text}");
+        let (p, diff) = patch_from(&c, &text).unwrap();
+        assert_eq!(p, ConfigPatch::default());
+        assert!(diff.is_empty(), "{diff:?}");
+    }
+
+    #[test]
+    fn changed_failover_settings_become_top_level_patch_fields() {
+        let c = config();
+        let text = to_editable(&c)
+            .replace("ttl = \"3s\"", "ttl = \"5s\"")
+            .replace("synchronous_mode = \"off\"", "synchronous_mode = \"on\"");
+        let (p, diff) = patch_from(&c, &text).unwrap();
+        assert_eq!(
+            p,
+            ConfigPatch {
+                ttl: Some("5s".into()),
+                synchronous_mode: Some("on".into()),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            diff,
+            [
+                "-ttl = \"3s\"",
+                "+ttl = \"5s\"",
+                "-synchronous_mode = \"off\"",
+                "+synchronous_mode = \"on\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn failover_values_pass_through_to_the_agent() {
+        let c = config();
+        let text = to_editable(&c)
+            .replace(
+                "maximum_lag_on_failover = 1048576",
+                "maximum_lag_on_failover = \"16MB\"",
+            )
+            .replace("synchronous_node_count = 1", "synchronous_node_count = 0")
+            .replace("clock_drift = \"500ms\"", "clock_drift = \"forever\"");
+        let (p, diff) = patch_from(&c, &text).unwrap();
+        assert_eq!(p.maximum_lag_on_failover, Some(serde_json::json!("16MB")));
+        assert_eq!(p.synchronous_node_count, Some(serde_json::json!(0)));
+        assert_eq!(p.clock_drift.as_deref(), Some("forever"));
+        assert!(
+            diff.contains(&"+maximum_lag_on_failover = \"16MB\"".to_string()),
+            "{diff:?}"
+        );
+        assert!(
+            diff.contains(&"-maximum_lag_on_failover = 1048576".to_string()),
+            "{diff:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_failover_setting_goes_back_to_its_default() {
+        let mut c = config();
+        c.failover.ttl = ConfDuration::secs(5);
+        let text = to_editable(&c).replace("ttl = \"5s\"\n", "");
+        let (p, diff) = patch_from(&c, &text).unwrap();
+        assert_eq!(
+            p,
+            ConfigPatch {
+                ttl: Some("3s".into()),
+                ..Default::default()
+            }
+        );
+        assert_eq!(diff, ["-ttl = \"5s\"", "+ttl = \"3s\""]);
+        // A default setting removed: nothing to do.
+        let c = config();
+        let text = to_editable(&c).replace("ttl = \"3s\"\n", "");
+        assert_eq!(patch_from(&c, &text).unwrap().0, ConfigPatch::default());
+    }
+
+    #[test]
+    fn an_unknown_or_misplaced_key_is_named() {
+        let c = config();
+        let text = to_editable(&c).replace("ttl = ", "tll = ");
+        let e = format!("{:#}", patch_from(&c, &text).unwrap_err());
+        assert!(e.contains("unknown field `tll`"), "{e}");
+        // A setting below [parameters] would become a PostgreSQL parameter.
+        let text = to_editable(&c).replace("[parameters]\n", "[parameters]\nttl = \"5s\"\n");
+        let e = format!("{:#}", patch_from(&c, &text).unwrap_err());
+        assert!(e.starts_with("parameters.ttl: "), "{e}");
+        let text = to_editable(&c).replace("ttl = \"3s\"", "ttl = [3]");
+        let e = format!("{:#}", patch_from(&c, &text).unwrap_err());
+        assert!(e.starts_with("ttl = [3]: "), "{e}");
     }
 
     #[test]

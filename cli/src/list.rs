@@ -5,6 +5,9 @@ use pgwarden_core::status::{PgState, Role};
 
 /// The role as the table shows it.
 pub(crate) fn role(s: &pgwarden_core::status::NodeStatus) -> &'static str {
+    if s.witness {
+        return "Witness";
+    }
     match s.role {
         Role::Primary if s.is_writable_primary() => "Primary",
         Role::Primary => "Primary (stepping down)",
@@ -31,6 +34,45 @@ pub(crate) fn state(s: &pgwarden_core::status::NodeStatus) -> String {
         PgState::Unknown => "unknown",
     }
     .into()
+}
+
+/// A table with a border, a header row and the rows, as lines; `title` goes in the top border.
+pub(crate) fn table(title: Option<&str>, header: &[&str], rows: &[Vec<String>]) -> Vec<String> {
+    let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let sep = |title: Option<&str>| {
+        let mut line: String = w
+            .iter()
+            .map(|n| format!("+{}", "-".repeat(n + 2)))
+            .collect();
+        line.push('+');
+        if let Some(t) = title {
+            let t = format!("+ {t} ");
+            if t.len() < line.len() {
+                line.replace_range(..t.len(), &t);
+            }
+        }
+        line
+    };
+    let row = |cells: &[String]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            s.push_str(&format!("| {c:<width$} ", width = w[i]));
+        }
+        s.push('|');
+        s
+    };
+    let header: Vec<String> = header.iter().map(|h| h.to_string()).collect();
+    let mut out = vec![sep(title), row(&header), sep(None)];
+    for r in rows {
+        out.push(row(r));
+    }
+    out.push(sep(None));
+    out
 }
 
 /// Renders the cluster as a table.
@@ -62,34 +104,6 @@ pub fn render(view: &ClusterView) -> String {
             ],
         });
     }
-    let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let sep = |title: Option<&str>| {
-        let mut line: String = w
-            .iter()
-            .map(|n| format!("+{}", "-".repeat(n + 2)))
-            .collect();
-        line.push('+');
-        if let Some(t) = title {
-            let t = format!("+ {t} ");
-            if t.len() < line.len() {
-                line.replace_range(..t.len(), &t);
-            }
-        }
-        line
-    };
-    let row = |cells: &[String]| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            s.push_str(&format!("| {c:<width$} ", width = w[i]));
-        }
-        s.push('|');
-        s
-    };
     let sysid = view
         .members
         .iter()
@@ -98,11 +112,8 @@ pub fn render(view: &ClusterView) -> String {
         Some(id) => format!("Cluster: {} ({id})", view.cluster),
         None => format!("Cluster: {}", view.cluster),
     };
-    let mut out = vec![sep(Some(&title)), row(&header.map(String::from)), sep(None)];
-    for r in &rows {
-        out.push(row(r));
-    }
-    out.push(sep(None));
+    let rows: Vec<Vec<String>> = rows.into_iter().map(Vec::from).collect();
+    let mut out = table(Some(&title), &header, &rows);
     let paused = view
         .members
         .iter()

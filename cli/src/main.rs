@@ -2,6 +2,7 @@
 //! control-plane work adds the server as its default target.
 
 mod editconfig;
+mod history;
 mod list;
 mod switchover;
 
@@ -54,6 +55,12 @@ enum Cmd {
         /// Apply without asking.
         #[arg(long)]
         force: bool,
+    },
+    /// Every change of primary (failovers, switchovers): who, when, why, how long, in detail.
+    History {
+        /// Show only the newest N records in detail (the table lists them all).
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
     },
     /// Restart PostgreSQL on members: one by name, or every member with --pending.
     Restart {
@@ -285,6 +292,17 @@ async fn run(cli: &Cli) -> Result<()> {
                 format!("configuration version {} applied", v["config"]["version"])
             })
         }
+        Cmd::History { last } => {
+            let v = call(cli, Method::GET, &agent_url(cli, "/v1/history"), None).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let h: pgwarden_core::record::History =
+                    serde_json::from_value(v).context("read the history")?;
+                print!("{}", history::render(&h, *last));
+            }
+            Ok(())
+        }
         Cmd::Restart { member, pending } => {
             let view = get_view(cli).await?;
             let targets: Vec<&pgwarden_core::api::MemberView> = view
@@ -431,6 +449,16 @@ mod tests {
         assert!(force);
         assert!(cli.json);
         assert!(parse(&["switchover", "pg2"]).is_err());
+    }
+
+    #[test]
+    fn history_arguments() {
+        let cli = parse(&["history", "--last", "3"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::History { last: Some(3) }));
+        let cli = parse(&["history", "--json"]).unwrap();
+        assert!(matches!(cli.cmd, Cmd::History { last: None }));
+        assert!(cli.json);
+        assert!(parse(&["history", "--last", "-1"]).is_err());
     }
 
     #[test]
