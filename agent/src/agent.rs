@@ -773,14 +773,27 @@ impl Agent {
     /// standby before committing it, commit a removal before dropping it.
     async fn sync_step(&mut self, sql: &SqlStatus) {
         use pgwarden_core::sync::{self, Standby, SyncStep};
+        let st = self.shared.consensus.sm.state();
+        let f = st.config.failover;
+        if sql.in_recovery {
+            // A standby keeps the value it will need as a primary (the committed set without
+            // itself), so that its promotion needs no reload (one right before `pg_promote`
+            // delays the promotion by about a second).
+            let names = self.standby_sync_names(&st);
+            if sync::render(&names) != sql.synchronous_standby_names {
+                if let Err(e) = self
+                    .pg
+                    .set_synchronous_standby_names(&sync::render(&names))
+                    .await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "prepare synchronous_standby_names");
+                }
+            }
+            return;
+        }
         let Some(epoch) = self.shared.lease.holding() else {
             return;
         };
-        if sql.in_recovery {
-            return;
-        }
-        let st = self.shared.consensus.sm.state();
-        let f = st.config.failover;
         let standbys: Vec<Standby> = sql
             .replication
             .iter()
@@ -848,6 +861,23 @@ impl Agent {
                 tracing::warn!(error = %format!("{e:#}"), "synchronous replication step")
             }
             _ => {}
+        }
+    }
+
+    /// What this node waits for right after its promotion: the committed set without itself
+    /// (in strict mode with none: any standby); nothing outside synchronous mode.
+    fn standby_sync_names(&self, st: &pgwarden_core::lease::ClusterState) -> Vec<String> {
+        let mode = st.config.failover.synchronous_mode;
+        let set: Vec<String> = st
+            .sync
+            .iter()
+            .filter(|m| **m != self.cfg.node.name)
+            .cloned()
+            .collect();
+        match mode {
+            SyncMode::Off => Vec::new(),
+            SyncMode::Strict if set.is_empty() => vec![pgwarden_core::sync::ANY.to_string()],
+            _ => set,
         }
     }
 
@@ -1366,17 +1396,14 @@ impl Agent {
                 // with none, for any standby) from its first write on.
                 let st = self.shared.consensus.sm.state();
                 let mode = st.config.failover.synchronous_mode;
-                if mode != SyncMode::Off {
-                    let names = if st.sync.is_empty() && mode == SyncMode::Strict {
-                        vec![pgwarden_core::sync::ANY.to_string()]
-                    } else {
-                        st.sync.clone()
-                    };
-                    self.pg
-                        .set_synchronous_standby_names(&pgwarden_core::sync::render(&names))
-                        .await?;
-                }
+                // Usually already in place (see `sync_step`): then this changes nothing.
+                let names = self.standby_sync_names(&st);
+                self.pg
+                    .set_synchronous_standby_names(&pgwarden_core::sync::render(&names))
+                    .await?;
+                let t0 = Instant::now();
                 self.pg.promote().await?;
+                tracing::info!(ms = t0.elapsed().as_millis() as u64, "promoted");
                 crate::lease::record_step(&self.shared, epoch, "promoted", String::new()).await;
                 self.pg.ensure_roles().await?;
                 let ev = &self.shared.events;

@@ -595,6 +595,14 @@ impl Pg {
     /// promotion) and reloads. Works on a standby too, ahead of its promotion.
     pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
         let c = self.connect().await?;
+        let row = c
+            .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+            .await
+            .context("read synchronous_standby_names")?;
+        if col::<String>(&row, 0).as_deref() == Some(value) {
+            // Nothing to change: no reload (a reload right before a promotion delays it).
+            return Ok(());
+        }
         let stmt = format!(
             "ALTER SYSTEM SET synchronous_standby_names = {}",
             pgtext::quote_conf(value)
