@@ -865,7 +865,9 @@ impl Agent {
     }
 
     /// What this node waits for right after its promotion: the committed set without itself
-    /// (in strict mode with none: any standby); nothing outside synchronous mode.
+    /// or, when that is empty, any one standby (so the first writes are already on a standby;
+    /// in `on` mode the next loop degrades to asynchronous if none is there); nothing outside
+    /// synchronous mode.
     fn standby_sync_names(&self, st: &pgwarden_core::lease::ClusterState) -> Vec<String> {
         let mode = st.config.failover.synchronous_mode;
         let set: Vec<String> = st
@@ -876,7 +878,7 @@ impl Agent {
             .collect();
         match mode {
             SyncMode::Off => Vec::new(),
-            SyncMode::Strict if set.is_empty() => vec![pgwarden_core::sync::ANY.to_string()],
+            _ if set.is_empty() => vec![pgwarden_core::sync::ANY.to_string()],
             _ => set,
         }
     }
@@ -1412,7 +1414,7 @@ impl Agent {
                     format!("promoted to primary (lease epoch {epoch})"),
                 );
                 // A synchronous primary's first write waits for a standby: not measured here.
-                let no_wait = mode == SyncMode::Off || (mode == SyncMode::On && st.sync.is_empty());
+                let no_wait = mode == SyncMode::Off;
                 let wrote = no_wait
                     && matches!(
                         tokio::time::timeout(Duration::from_secs(2), self.pg.write_probe()).await,

@@ -105,21 +105,30 @@ pub async fn run(
                 let Some(c) = &client else { continue };
                 let res = tokio::time::timeout(
                     timeout,
-                    c.execute(
-                        "INSERT INTO pgwarden_probe (seq, node) VALUES ($1, $2)",
+                    c.query_opt(
+                        "INSERT INTO pgwarden_probe (seq, node) VALUES ($1, $2) RETURNING coalesce(inet_server_addr()::text, 'local')",
                         &[&seq, &name],
                     ),
                 )
                 .await;
                 match res {
-                    Ok(Ok(_)) => {
+                    // Counted only when the server returned the inserted row's proof (its own
+                    // address): an acknowledgement the client actually received.
+                    Ok(Ok(Some(row))) => {
+                        if std::env::var("PGWARDEN_PROBE_DEBUG").is_ok() {
+                            let addr: String = row.get(0);
+                            eprintln!(
+                                "probe: seq {seq} acknowledged by {name} ({addr}) after {} ms",
+                                start.elapsed().as_millis()
+                            );
+                        }
                         let at = start.elapsed().as_millis() as u64;
                         if let Ok(mut l) = log.lock() {
                             l.acks.entry(seq).or_default().push(name.clone());
                             l.ack_times.push(at);
                         }
                     }
-                    Ok(Err(_)) => {}
+                    Ok(Ok(None)) | Ok(Err(_)) => {}
                     Err(_) => client = None, // timed out: the connection may be dead
                 }
             }
