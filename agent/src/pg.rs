@@ -594,12 +594,15 @@ impl Pg {
     /// Sets `synchronous_standby_names` (ALTER SYSTEM, so it survives restarts and a
     /// promotion) and reloads. Works on a standby too, ahead of its promotion.
     pub async fn set_synchronous_standby_names(&mut self, value: &str) -> Result<()> {
+        async fn in_effect(c: &Client, value: &str) -> Result<bool> {
+            let row = c
+                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
+                .await
+                .context("read synchronous_standby_names")?;
+            Ok(col::<String>(&row, 0).as_deref() == Some(value))
+        }
         let c = self.connect().await?;
-        let row = c
-            .query_one("SELECT current_setting('synchronous_standby_names')", &[])
-            .await
-            .context("read synchronous_standby_names")?;
-        if col::<String>(&row, 0).as_deref() == Some(value) {
+        if in_effect(c, value).await? {
             // Nothing to change: no reload (a reload right before a promotion delays it).
             return Ok(());
         }
@@ -613,11 +616,7 @@ impl Pg {
             .context("pg_reload_conf")?;
         // The reload is asynchronous: wait until this backend sees the new value.
         for _ in 0..100 {
-            let row = c
-                .query_one("SELECT current_setting('synchronous_standby_names')", &[])
-                .await
-                .context("read synchronous_standby_names")?;
-            if col::<String>(&row, 0).as_deref() == Some(value) {
+            if in_effect(c, value).await? {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
