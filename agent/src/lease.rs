@@ -16,7 +16,7 @@ use anyhow::{anyhow, bail, Result};
 use pgwarden_core::lease::{Proposal, Rejected};
 use pgwarden_core::lsn::Lsn;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,9 @@ pub struct LeaseKeeper {
     held: Mutex<Held>,
     /// The postmaster PID the enforcement stopped (so the loop does not count it as a crash).
     pub stopped_postgres: AtomicI32,
+    /// The newest epoch this member gave up with a release: a renewal of it that was in flight
+    /// and commits afterwards must not make this member a holder again.
+    retired: AtomicU64,
 }
 
 impl LeaseKeeper {
@@ -44,6 +47,7 @@ impl LeaseKeeper {
             data_dir: PathBuf::from(data_dir),
             held: Mutex::new(Held::default()),
             stopped_postgres: AtomicI32::new(0),
+            retired: AtomicU64::new(0),
         }
     }
 
@@ -70,6 +74,9 @@ impl LeaseKeeper {
 
     /// Records a committed acquisition or renewal sent at `sent`.
     fn extend(&self, epoch: u64, sent: Instant, sent_mono_ms: u64, ttl_ms: u64, margin_ms: u64) {
+        if epoch <= self.retired.load(Ordering::SeqCst) {
+            return;
+        }
         let valid = Duration::from_millis(ttl_ms.saturating_sub(margin_ms));
         let new = sent + valid;
         let mono = pgwarden_core::lease::holder_deadline(sent_mono_ms, ttl_ms, margin_ms);
@@ -210,6 +217,7 @@ pub async fn release(
         keeper.forget();
         bail!("this member does not hold the lease");
     };
+    keeper.retired.fetch_max(l.epoch, Ordering::SeqCst);
     keeper.forget();
     let p = Proposal::Release {
         node: keeper.me.clone(),
@@ -297,5 +305,36 @@ fn enforce(shared: &Shared) {
             "lease_lost",
             "the lease could not be renewed before its deadline",
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_renewal_that_commits_after_a_release_does_not_revive_the_lease() {
+        let dir = std::env::temp_dir().join(format!("pgwarden-lease-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = LeaseKeeper::new("n1", dir.to_str().unwrap(), "/nonexistent");
+        let now = Instant::now();
+        k.extend(3, now, sys::monotonic_ms(), 3000, 500);
+        assert_eq!(k.holding(), Some(3));
+        // The switchover releases epoch 3 while a renewal of it is in flight...
+        k.retired.fetch_max(3, Ordering::SeqCst);
+        k.forget();
+        // ...and that renewal's success arrives afterwards.
+        k.extend(3, Instant::now(), sys::monotonic_ms(), 3000, 500);
+        assert_eq!(k.holding(), None, "a released epoch stays released");
+        assert_eq!(std::fs::read_to_string(k.guard_file()).unwrap().trim(), "0");
+        // A new acquisition (a newer epoch) is held normally.
+        k.extend(5, Instant::now(), sys::monotonic_ms(), 3000, 500);
+        assert_eq!(k.holding(), Some(5));
+        // The end of a deadline (enforcement) does not retire: a late renewal of a lease that
+        // never ran out in the replicated state may restore it.
+        k.forget();
+        k.extend(5, Instant::now(), sys::monotonic_ms(), 3000, 500);
+        assert_eq!(k.holding(), Some(5));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
