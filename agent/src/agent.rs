@@ -259,23 +259,13 @@ impl Agent {
     /// becomes free (expiry + drift), and soon again after a failed lease proposal, so a
     /// failover does not wait for the next regular step.
     fn next_wake(&self) -> Duration {
-        let regular = self.cfg.node.loop_wait.0;
-        let st = self.shared.consensus.sm.state();
-        let now = now_ms();
-        if self.last_lease_error.is_some() && st.acquirable(now, st.config.failover.drift_ms()) {
-            return regular.min(Duration::from_millis(200));
-        }
-        match &st.lease {
-            Some(l) if l.holder != self.cfg.node.name && !l.released => {
-                let free_at = l.expires_at_ms + st.config.failover.drift_ms() + 5;
-                if free_at > now {
-                    regular.min(Duration::from_millis(free_at - now))
-                } else {
-                    regular
-                }
-            }
-            _ => regular,
-        }
+        Duration::from_millis(pgwarden_core::elect::next_check_ms(
+            &self.cfg.node.name,
+            &self.shared.consensus.sm.state(),
+            now_ms(),
+            self.cfg.node.loop_wait.0.as_millis() as u64,
+            self.last_lease_error.is_some(),
+        ))
     }
 
     async fn handle_op(&mut self, op: Op) -> Result<String, OpError> {
@@ -864,23 +854,12 @@ impl Agent {
         }
     }
 
-    /// What this node waits for right after its promotion: the committed set without itself
-    /// or, when that is empty, any one standby (so the first writes are already on a standby;
-    /// in `on` mode the next loop degrades to asynchronous if none is there); nothing outside
-    /// synchronous mode.
     fn standby_sync_names(&self, st: &pgwarden_core::lease::ClusterState) -> Vec<String> {
-        let mode = st.config.failover.synchronous_mode;
-        let set: Vec<String> = st
-            .sync
-            .iter()
-            .filter(|m| **m != self.cfg.node.name)
-            .cloned()
-            .collect();
-        match mode {
-            SyncMode::Off => Vec::new(),
-            _ if set.is_empty() => vec![pgwarden_core::sync::ANY.to_string()],
-            _ => set,
-        }
+        pgwarden_core::sync::names_for_promotion(
+            st.config.failover.synchronous_mode,
+            &st.sync,
+            &self.cfg.node.name,
+        )
     }
 
     /// Refuses to make PostgreSQL writable without the lease.
@@ -958,15 +937,8 @@ impl Agent {
     async fn poll_peers(&mut self) {
         let mut set = tokio::task::JoinSet::new();
         for (i, (m, _)) in self.peers.iter().enumerate() {
-            let url = format!("http://{}:{}/status", m.host, m.health_port);
-            let http = self.http.clone();
-            set.spawn(async move {
-                let st = match http.get(&url).send().await {
-                    Ok(r) => r.json::<NodeStatus>().await.ok(),
-                    Err(_) => None,
-                };
-                (i, st)
-            });
+            let (http, m) = (self.http.clone(), m.clone());
+            set.spawn(async move { (i, fetch_status(&http, &m).await) });
         }
         while let Some(Ok((i, st))) = set.join_next().await {
             let (was, now) = (self.peer_reachable[i], st.is_some());
@@ -1643,4 +1615,10 @@ fn candidates(
     std::iter::once(of(&me.name, Some(me)))
         .chain(peers.iter().map(|(m, s)| of(&m.name, s.as_ref())))
         .collect()
+}
+
+/// A member's status from its health server (`None`: no answer).
+pub async fn fetch_status(http: &reqwest::Client, m: &Member) -> Option<NodeStatus> {
+    let url = format!("http://{}:{}/status", m.host, m.health_port);
+    http.get(&url).send().await.ok()?.json().await.ok()
 }

@@ -273,11 +273,15 @@ impl Pg {
         self.write_conf_files()?;
         if let Some(up) = standby_of {
             self.write_upstream(Some(up))?;
-            let sig = self.data.join("standby.signal");
-            std::fs::write(&sig, "").context("write standby.signal")?;
-            sys::set_owner_mode(&sig, self.owner, 0o600)?;
+            self.write_standby_signal()?;
         }
         Ok(())
+    }
+
+    fn write_standby_signal(&self) -> Result<()> {
+        let sig = self.data.join("standby.signal");
+        std::fs::write(&sig, "").context("write standby.signal")?;
+        sys::set_owner_mode(&sig, self.owner, 0o600)
     }
 
     /// The newest timeline this data directory has a history file for in `pg_wal` (1 when
@@ -302,9 +306,7 @@ impl Pg {
     pub fn write_standby_config(&self) -> Result<()> {
         self.write_conf_files()?;
         self.write_upstream(None)?;
-        let sig = self.data.join("standby.signal");
-        std::fs::write(&sig, "").context("write standby.signal")?;
-        sys::set_owner_mode(&sig, self.owner, 0o600)
+        self.write_standby_signal()
     }
 
     /// Writes the generated `postgresql.conf` and `pg_hba.conf` (node file plus the cluster's

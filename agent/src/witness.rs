@@ -5,7 +5,7 @@
 
 use crate::agent::{OpError, OpRequest, Shared};
 use crate::sys::now_ms;
-use pgwarden_core::status::{NodeStatus, PgState, Role};
+use pgwarden_core::status::{PgState, Role};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -32,12 +32,7 @@ pub async fn run(shared: Arc<Shared>, mut ops: mpsc::Receiver<OpRequest>) {
             _ = tick.tick() => {
                 let mut peers = Vec::new();
                 for m in cfg.peers() {
-                    let url = format!("http://{}:{}/status", m.host, m.health_port);
-                    let st = match http.get(&url).send().await {
-                        Ok(r) => r.json::<NodeStatus>().await.ok(),
-                        Err(_) => None,
-                    };
-                    peers.push((m.clone(), st));
+                    peers.push((m.clone(), crate::agent::fetch_status(&http, m).await));
                 }
                 if let Ok(mut p) = shared.peers.write() {
                     *p = peers;

@@ -343,48 +343,48 @@ async fn run(cli: &Cli) -> Result<()> {
         } => {
             switchover::check_confirmable(cli.json, *force)?;
             let req = switchover::switchover_request(candidate.as_deref(), scheduled.as_deref());
-            if !force {
-                let view = get_view(cli).await?;
-                let plan = switchover::switchover_plan(&view, &req)?;
-                println!(
-                    "Current cluster topology\n{}\n{plan}\n",
-                    list::render(&view)
-                );
-                ask(switchover::switchover_question())?;
-            }
-            let body = serde_json::to_value(&req)?;
-            let v = call(
-                cli,
-                Method::POST,
-                &agent_url(cli, "/v1/switchover"),
-                Some(body),
-            )
-            .await?;
-            print_operation(cli, &v)
+            let question = switchover::switchover_question().to_string();
+            let plan = |view: &ClusterView| switchover::switchover_plan(view, &req);
+            confirm_and_post(cli, *force, plan, &question, "/v1/switchover", &req).await
         }
         Cmd::Failover { candidate, force } => {
             switchover::check_confirmable(cli.json, *force)?;
             let req = switchover::failover_request(candidate);
-            if !force {
-                let view = get_view(cli).await?;
-                let plan = switchover::failover_plan(&view, &req)?;
-                println!(
-                    "Current cluster topology\n{}\n{plan}\n",
-                    list::render(&view)
-                );
-                ask(&switchover::failover_question(candidate))?;
-            }
-            let body = serde_json::to_value(&req)?;
-            let v = call(
-                cli,
-                Method::POST,
-                &agent_url(cli, "/v1/failover"),
-                Some(body),
-            )
-            .await?;
-            print_operation(cli, &v)
+            let question = switchover::failover_question(candidate);
+            let plan = |view: &ClusterView| switchover::failover_plan(view, &req);
+            confirm_and_post(cli, *force, plan, &question, "/v1/failover", &req).await
         }
     }
+}
+
+/// Unless `force`: shows the cluster and the plan, asks `question`; then POSTs `body` to
+/// `path` and prints the operation's result.
+async fn confirm_and_post<P: std::fmt::Display>(
+    cli: &Cli,
+    force: bool,
+    plan: impl Fn(&ClusterView) -> Result<P>,
+    question: &str,
+    path: &str,
+    body: &impl serde::Serialize,
+) -> Result<()> {
+    if !force {
+        let view = get_view(cli).await?;
+        let plan = plan(&view)?;
+        println!(
+            "Current cluster topology\n{}\n{plan}\n",
+            list::render(&view)
+        );
+        ask(question)?;
+    }
+    let body = serde_json::to_value(body)?;
+    let v = call(
+        cli,
+        reqwest::Method::POST,
+        &agent_url(cli, path),
+        Some(body),
+    )
+    .await?;
+    print_operation(cli, &v)
 }
 
 #[tokio::main(flavor = "current_thread")]

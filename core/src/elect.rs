@@ -264,6 +264,33 @@ pub fn failover_record(
     }
 }
 
+/// In how many ms this member should look at the lease again: every `regular_ms`, but right
+/// when another member's lease becomes free (expiry + drift), and after 200 ms when its last
+/// proposal failed while the lease is free, so a failover does not wait for a regular loop.
+pub fn next_check_ms(
+    me: &str,
+    state: &ClusterState,
+    now_ms: u64,
+    regular_ms: u64,
+    last_proposal_failed: bool,
+) -> u64 {
+    let drift = state.config.failover.drift_ms();
+    if last_proposal_failed && state.acquirable(now_ms, drift) {
+        return regular_ms.min(200);
+    }
+    match &state.lease {
+        Some(l) if l.holder != me && !l.released => {
+            let free_at = l.expires_at_ms + drift + 5;
+            if free_at > now_ms {
+                regular_ms.min(free_at - now_ms)
+            } else {
+                regular_ms
+            }
+        }
+        _ => regular_ms,
+    }
+}
+
 /// The role this member should have.
 pub fn intent(me: &str, state: &ClusterState, holding: bool, initial_primary: &str) -> Intent {
     if holding {
@@ -508,6 +535,25 @@ mod tests {
         );
         let steps: Vec<_> = r.steps.iter().map(|s| (s.step.as_str(), s.at_ms)).collect();
         assert_eq!(steps, [("lease_expired", 10_000), ("elected", 10_600)]);
+    }
+
+    #[test]
+    fn the_next_check_lands_when_the_lease_becomes_free() {
+        let st = held("a", 10_000);
+        let drift = st.config.failover.drift_ms();
+        assert_eq!(next_check_ms("b", &st, 9_800, 1000, false), drift + 205);
+        assert_eq!(next_check_ms("b", &st, 5_000, 1000, false), 1000);
+        assert_eq!(
+            next_check_ms("a", &st, 9_800, 1000, false),
+            1000,
+            "its own lease"
+        );
+        assert_eq!(
+            next_check_ms("b", &st, 20_000, 1000, true),
+            200,
+            "retry soon"
+        );
+        assert_eq!(next_check_ms("b", &st, 20_000, 1000, false), 1000);
     }
 
     #[test]

@@ -121,6 +121,19 @@ pub fn plan(
     SyncStep::Nothing
 }
 
+/// What a member waits for right after its promotion: the committed set without itself or,
+/// when that is empty, any one standby (so its first writes are already on a standby; in `on`
+/// mode the plan degrades to asynchronous if none streams); nothing outside synchronous
+/// mode. Standbys keep this value ready, so a promotion needs no reload.
+pub fn names_for_promotion(mode: SyncMode, committed: &[String], me: &str) -> Vec<String> {
+    let set: Vec<String> = committed.iter().filter(|m| *m != me).cloned().collect();
+    match mode {
+        SyncMode::Off => Vec::new(),
+        _ if set.is_empty() => vec![ANY.to_string()],
+        _ => set,
+    }
+}
+
 /// `synchronous_standby_names` for a set: every listed standby must confirm.
 pub fn render(names: &[String]) -> String {
     if names.is_empty() {
@@ -300,6 +313,23 @@ mod tests {
             converge(SyncMode::Off, 1, v(&["b"]), v(&["b"]), &sbs),
             (vec![], vec![])
         );
+    }
+
+    #[test]
+    fn a_promoted_member_waits_for_the_rest_of_the_set_or_any_standby() {
+        assert_eq!(
+            names_for_promotion(SyncMode::Off, &v(&["b"]), "a"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            names_for_promotion(SyncMode::On, &v(&["a", "b"]), "a"),
+            v(&["b"])
+        );
+        assert_eq!(
+            names_for_promotion(SyncMode::On, &v(&["a"]), "a"),
+            v(&[ANY])
+        );
+        assert_eq!(names_for_promotion(SyncMode::Strict, &[], "a"), v(&[ANY]));
     }
 
     #[test]

@@ -147,6 +147,15 @@ impl TestLab {
         out
     }
 
+    /// Asserts, every 500 ms for `checks` times, that no member answers 200 on `/primary`.
+    pub async fn assert_no_primary(&self, checks: usize) {
+        for _ in 0..checks {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let p = self.primaries().await;
+            assert!(p.is_empty(), "no member may be primary, but {p:?} is");
+        }
+    }
+
     /// Waits until a member other than `old` is the only primary; returns it.
     pub async fn wait_new_primary(&self, old: &str, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;

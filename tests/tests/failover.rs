@@ -143,10 +143,7 @@ async fn maintenance_mode_stops_automatic_failover_and_a_manual_failover_still_w
     t.op("n2", "/v1/pause", None).await;
     t.lab.fault(Fault::StopNode, "n1").unwrap();
     // Well past the lease (3 s) and drift: nobody takes over on its own.
-    for _ in 0..16 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert!(t.primaries().await.is_empty());
-    }
+    t.assert_no_primary(16).await;
     let st = t.status("n2").await.unwrap();
     assert!(
         st.waiting_for
