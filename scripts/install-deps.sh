@@ -11,6 +11,9 @@ command -v ping >/dev/null || need+=(iputils-ping)
 [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v psql >/dev/null || need+=(postgresql-client-15)
 command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3)
+# The EC2 emulator's venv needs the venv module (a separate package on Debian).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -33,4 +36,13 @@ done
 if ! command -v cargo >/dev/null; then
     echo "cargo is not installed: install the Rust toolchain (rustup) first" >&2
     exit 1
+fi
+
+# The EC2 emulator (tests/fixtures/ec2): moto in its own venv, outside the clone.
+PGWARDEN_VENV="${PGWARDEN_VENV:-/var/tmp/pgwarden-venv}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! "$PGWARDEN_VENV/bin/python" -c 'import moto' >/dev/null 2>&1; then
+    echo "installing the EC2 emulator's Python packages into $PGWARDEN_VENV"
+    [ -x "$PGWARDEN_VENV/bin/pip" ] || python3 -m venv --clear "$PGWARDEN_VENV"
+    "$PGWARDEN_VENV/bin/pip" install --quiet -r "$repo/tests/fixtures/ec2/requirements.txt"
 fi

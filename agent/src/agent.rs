@@ -96,6 +96,9 @@ pub struct Shared {
     pub token: String,
     pub ops: mpsc::Sender<OpRequest>,
     pub lease: crate::lease::LeaseKeeper,
+    /// The local addresses that follow the primary (VIP, EC2 secondary and overlay IPs);
+    /// `None` when none are configured.
+    pub local: Option<Arc<crate::endpoints::Local>>,
 }
 
 impl Shared {
@@ -180,6 +183,10 @@ pub struct Agent {
     last_lease_error: Option<String>,
     /// The last SQL observation (for the synchronous-replication step).
     last_sql: Option<SqlStatus>,
+    /// The VIP and EC2 endpoints, and fencing.
+    endpoints: crate::endpoints::Endpoints,
+    /// PostgreSQL was promoted in this round (the status still shows the replica).
+    promoted_now: bool,
 }
 
 /// How long an API operation waits on a condition it cannot change (e.g. an unreachable
@@ -200,7 +207,7 @@ impl Agent {
             cfg.peers().map(|m| (m.clone(), None)).collect();
         let peer_reachable = vec![None; peers.len()];
         let agent = Agent {
-            shared,
+            shared: shared.clone(),
             cfg,
             pg,
             intent,
@@ -219,6 +226,8 @@ impl Agent {
             lease_wait: None,
             last_lease_error: None,
             last_sql: None,
+            endpoints: crate::endpoints::Endpoints::new(shared.clone()),
+            promoted_now: false,
         };
         Ok(agent)
     }
@@ -449,6 +458,12 @@ impl Agent {
             let _ = c.batch_execute("CHECKPOINT").await;
         }
         let t0 = Instant::now();
+        crate::endpoints::drop_local(
+            &self.shared,
+            &format!("switchover to {cand}"),
+            Duration::from_millis(500),
+        )
+        .await;
         self.set_state(PgState::Stopping);
         let clean = self
             .pg
@@ -878,6 +893,10 @@ impl Agent {
             self.sync_step(&sql).await;
         }
         let action = next_action(&self.intent, &obs, self.pending);
+        // A node that does not hold the lease drops the endpoints before anything else.
+        if self.shared.lease.holding().is_none() {
+            self.endpoints.reconcile(false, None).await;
+        }
         let waiting = match &action {
             Action::Wait(w) => Some(w.clone()),
             _ => self.lease_wait.clone().or_else(|| {
@@ -930,7 +949,16 @@ impl Agent {
                 });
             }
         }
-        self.shared.update(|s| s.last_loop_ms = now_ms());
+        let epoch = self.shared.lease.holding();
+        let hold =
+            epoch.is_some() && (self.promoted_now || self.shared.status().is_writable_primary());
+        self.promoted_now = false;
+        self.endpoints.reconcile(hold, epoch).await;
+        let endpoints = self.endpoints.status().await;
+        self.shared.update(|s| {
+            s.last_loop_ms = now_ms();
+            s.endpoints = endpoints;
+        });
         action
     }
 
@@ -1356,6 +1384,12 @@ impl Agent {
                 Ok(())
             }
             Action::StepDown => {
+                crate::endpoints::drop_local(
+                    &self.shared,
+                    "stepping down",
+                    Duration::from_millis(500),
+                )
+                .await;
                 self.set_state(PgState::Stopping);
                 self.pg.stop(false).await?;
                 self.shared.events.record(
@@ -1365,6 +1399,9 @@ impl Agent {
                 Ok(())
             }
             Action::Promote => {
+                let epoch = self.require_lease("promote")?;
+                // An old primary that did not step down is fenced first (when configured).
+                self.endpoints.fence_before_promote(epoch).await?;
                 let epoch = self.require_lease("promote")?;
                 // In synchronous mode the new primary waits for the committed set (or, strict
                 // with none, for any standby) from its first write on.
@@ -1379,6 +1416,7 @@ impl Agent {
                 self.pg.promote().await?;
                 tracing::info!(ms = t0.elapsed().as_millis() as u64, "promoted");
                 crate::lease::record_step(&self.shared, epoch, "promoted", String::new()).await;
+                self.promoted_now = true;
                 self.pg.ensure_roles().await?;
                 let ev = &self.shared.events;
                 ev.record(

@@ -49,6 +49,7 @@ pub fn run(state_dir: &Path, data_dir: &Path) -> Result<()> {
     sys::write_atomic(&pid_file, &format!("{me}\n")).context("write guard.pid")?;
     let deadline_file = state_dir.join("lease.deadline");
     let mut stopped_for = 0u64;
+    let mut dropped_for = 0u64;
     eprintln!("guard {me}: watching {}", data_dir.display());
     loop {
         if read_pid(&pid_file) != Some(me) {
@@ -59,6 +60,11 @@ pub fn run(state_dir: &Path, data_dir: &Path) -> Result<()> {
         let postmaster = read_pid(&data_dir.join("postmaster.pid")).filter(|p| sys::pid_alive(*p));
         let deadline = read_deadline(&deadline_file);
         let writable = !data_dir.join("standby.signal").exists();
+        if deadline != 0 && deadline != dropped_for && sys::monotonic_ms() >= deadline {
+            // The addresses clients use go first, also when PostgreSQL is gone already.
+            drop_addresses(state_dir, me);
+            dropped_for = deadline;
+        }
         if let Some(pm) = postmaster {
             if deadline != 0
                 && deadline != stopped_for
@@ -77,6 +83,50 @@ pub fn run(state_dir: &Path, data_dir: &Path) -> Result<()> {
             return Ok(());
         }
         std::thread::sleep(POLL);
+    }
+}
+
+/// Removes the addresses the agent listed in `<state_dir>/endpoints.json` (VIP, EC2 secondary
+/// and overlay IPs) from this host's interfaces.
+fn drop_addresses(state_dir: &Path, me: i32) {
+    let Ok(text) = std::fs::read_to_string(state_dir.join("endpoints.json")) else {
+        return;
+    };
+    let Ok(addrs) = serde_json::from_str::<Vec<pgwarden_core::endpoints::OsAddress>>(&text) else {
+        return;
+    };
+    if addrs.is_empty() {
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("guard {me}: cannot remove the addresses: {e}");
+            return;
+        }
+    };
+    let removed = rt.block_on(async {
+        let net = crate::netaddr::Netlink::open()?;
+        let removed = tokio::time::timeout(
+            Duration::from_millis(200),
+            crate::endpoints::remove_addresses(&net, &addrs),
+        )
+        .await
+        .unwrap_or_default();
+        anyhow::Ok(removed)
+    });
+    match removed {
+        Ok(r) if !r.is_empty() => {
+            eprintln!(
+                "guard {me}: the lease deadline passed; removed {}",
+                r.join(", ")
+            )
+        }
+        Ok(_) => {}
+        Err(e) => eprintln!("guard {me}: cannot remove the addresses: {e:#}"),
     }
 }
 

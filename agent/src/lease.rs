@@ -250,6 +250,14 @@ pub async fn run(shared: Arc<Shared>) {
         let held = shared.lease.get();
         if let Some(deadline) = held.deadline {
             if Instant::now() >= deadline {
+                // The VIP goes first; netlink answers in well under a millisecond, and the
+                // stop does not wait longer than this for it.
+                crate::endpoints::drop_local(
+                    &shared,
+                    "the lease ran out",
+                    Duration::from_millis(50),
+                )
+                .await;
                 enforce(&shared);
                 continue;
             }

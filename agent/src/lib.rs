@@ -2,11 +2,14 @@
 //! these parts; tests can drive them directly.
 
 pub mod agent;
+pub mod aws;
 pub mod certs;
+pub mod endpoints;
 pub mod events;
 pub mod guard;
 pub mod http;
 pub mod lease;
+pub mod netaddr;
 pub mod pg;
 pub mod raft;
 pub mod sys;

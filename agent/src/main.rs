@@ -237,7 +237,19 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
             None
         }
     };
+    // A witness carries no endpoints.
+    let local = if !witness && (cfg.vip.is_some() || cfg.aws.is_some()) {
+        let net = pgwarden_agent::netaddr::Netlink::open()
+            .context("netlink for the VIP and EC2 addresses")?;
+        Some(Arc::new(pgwarden_agent::endpoints::Local::new(
+            net,
+            &cfg.node.state_dir,
+        )))
+    } else {
+        None
+    };
     let shared = Arc::new(agent::Shared {
+        local,
         postmaster_pid: std::sync::atomic::AtomicI32::new(0),
         peers: RwLock::new(Vec::new()),
         consensus,

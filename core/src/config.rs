@@ -26,6 +26,91 @@ pub struct AgentConfig {
     #[serde(default)]
     pub tags: Tags,
     pub postgresql: PostgresSection,
+    /// The local virtual IP that follows the primary.
+    pub vip: Option<VipSection>,
+    /// EC2: the secondary private IP, Elastic IP and route-table IP that follow the primary,
+    /// and fencing of a primary that did not step down.
+    pub aws: Option<AwsSection>,
+}
+
+/// A virtual IP on a local interface, held by the lease-holding primary only.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VipSection {
+    /// Address and prefix, e.g. `10.0.1.100/24`.
+    pub address: String,
+    /// The interface that carries it.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// Optional label (`ip addr` shows it); Linux requires it to start with the interface
+    /// name, e.g. `eth0:pg`.
+    pub label: Option<String>,
+    /// Gratuitous ARP announcements sent after the address is added.
+    #[serde(default = "default_arp_count")]
+    pub arp_count: u32,
+}
+
+/// What is done to a primary that did not step down cleanly before another node is promoted.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Fencing {
+    /// Nothing: the lease alone keeps one writer (the old primary stops itself).
+    #[default]
+    None,
+    /// `StopInstances` with `Force`, then wait until the instance is `stopped`.
+    Stop,
+    /// Force-stop as with `stop`, wait for `stopped`, then start the instance again (it
+    /// comes back as a replica).
+    Reboot,
+}
+
+impl Fencing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fencing::None => "none",
+            Fencing::Stop => "stop",
+            Fencing::Reboot => "reboot",
+        }
+    }
+}
+
+/// EC2 endpoints and fencing. Everything about the instance itself (instance id, region,
+/// availability zone, MAC, ENI, subnet) comes from the instance metadata service (IMDSv2)
+/// unless overridden here.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AwsSection {
+    /// Default: the instance's region from IMDS.
+    pub region: Option<String>,
+    /// The EC2 API endpoint; default AWS's regional endpoint.
+    pub endpoint_url: Option<String>,
+    /// The instance metadata service; default `http://169.254.169.254`.
+    pub metadata_endpoint: Option<String>,
+    /// Overrides of what IMDS tells.
+    pub instance_id: Option<String>,
+    pub eni_id: Option<String>,
+    /// The OS interface that carries the secondary and overlay addresses; default `eth0`.
+    #[serde(default = "default_interface")]
+    pub interface: String,
+    /// A secondary private IP of the primary's ENI (same subnet), moved with
+    /// `AssignPrivateIpAddresses` + `AllowReassignment`.
+    pub secondary_ip: Option<String>,
+    /// An Elastic IP (`eipalloc-…`) associated with the primary (`AssociateAddress` +
+    /// `AllowReassociation`), to the secondary IP when one is set, else the primary address.
+    pub elastic_ip_allocation_id: Option<String>,
+    /// Route tables (`rtb-…`) whose route to `overlay_ip`/32 points at the primary's ENI.
+    #[serde(default)]
+    pub route_tables: Vec<String>,
+    /// An address outside the VPC CIDR, routed to the primary (clusters across zones).
+    pub overlay_ip: Option<String>,
+    #[serde(default)]
+    pub fencing: Fencing,
+    /// How long fencing may take before the promotion is given up (and retried).
+    #[serde(default = "default_fencing_timeout")]
+    pub fencing_timeout: ConfDuration,
+    /// How often the permissions the endpoints need are re-checked with DryRun calls.
+    #[serde(default = "default_permission_check_interval")]
+    pub permission_check_interval: ConfDuration,
 }
 
 /// Per-node tags, as DBAs know them from Patroni. Published in the node's status so that
@@ -130,6 +215,8 @@ pub struct Member {
     /// A witness runs only the agent (no PostgreSQL): a third vote for a two-node cluster.
     #[serde(default)]
     pub witness: bool,
+    /// The member's EC2 instance, for fencing; default: what the member reported itself.
+    pub instance_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -227,6 +314,56 @@ fn default_replication_user() -> String {
 }
 fn default_pg_timeout() -> ConfDuration {
     ConfDuration::secs(60)
+}
+fn default_interface() -> String {
+    "eth0".into()
+}
+fn default_arp_count() -> u32 {
+    3
+}
+fn default_fencing_timeout() -> ConfDuration {
+    ConfDuration::secs(90)
+}
+fn default_permission_check_interval() -> ConfDuration {
+    ConfDuration::secs(900)
+}
+
+/// Parses `a.b.c.d/len` (IPv4 with prefix).
+pub fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    let (a, p) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} needs a prefix length, e.g. 10.0.1.100/24"))?;
+    let addr: std::net::Ipv4Addr = a
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+    let len: u8 = p
+        .parse()
+        .ok()
+        .filter(|l| (1..=32).contains(l))
+        .ok_or_else(|| format!("{p:?} is not a prefix length (1-32)"))?;
+    Ok((addr, len))
+}
+
+fn check_interface(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not an interface name"))
+    }
+}
+
+fn check_aws_id(value: &str, prefix: &str) -> Result<(), String> {
+    let rest = value.strip_prefix(prefix).unwrap_or("");
+    if !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric()) {
+        Ok(())
+    } else {
+        Err(format!("{value:?} is not an id of the form {prefix}…"))
+    }
 }
 
 /// Parameters the agent sets itself, per node; the config may not override them.
@@ -620,6 +757,35 @@ impl AgentConfig {
                 "conflicts with nosync = true: a node that is never synchronous has no sync priority".into(),
             ));
         }
+        if let Some(v) = &self.vip {
+            parse_cidr(&v.address).map_err(|m| inv("vip", None, "address", m))?;
+            check_interface(&v.interface).map_err(|m| inv("vip", None, "interface", m))?;
+            if let Some(l) = &v.label {
+                if !l.starts_with(&format!("{}:", v.interface)) || l.len() > 15 {
+                    return Err(inv(
+                        "vip",
+                        None,
+                        "label",
+                        format!(
+                            "{l:?} must start with \"{}:\" and be at most 15 characters",
+                            v.interface
+                        ),
+                    ));
+                }
+            }
+            if v.arp_count > 100 {
+                return Err(inv("vip", None, "arp_count", "at most 100".into()));
+            }
+        }
+        if let Some(a) = &self.aws {
+            a.validate().map_err(|(k, m)| inv("aws", None, k, m))?;
+        }
+        for (i, m) in self.cluster.members.iter().enumerate() {
+            if let Some(id) = &m.instance_id {
+                check_aws_id(id, "i-")
+                    .map_err(|e| inv("cluster.members", Some(i), "instance_id", e))?;
+            }
+        }
         for line in &pg.pg_hba {
             if line.contains('\n') || line.trim().is_empty() {
                 return Err(inv(
@@ -671,6 +837,80 @@ impl AgentConfig {
             .listen
             .clone()
             .unwrap_or_else(|| format!("0.0.0.0:{}", self.me().api_port))
+    }
+}
+
+impl AwsSection {
+    /// The rules of the `[aws]` section: (key, why) of the first broken one.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        for (key, v) in [
+            ("endpoint_url", &self.endpoint_url),
+            ("metadata_endpoint", &self.metadata_endpoint),
+        ] {
+            if let Some(u) = v {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err((key, format!("{u:?} is not an http:// or https:// URL")));
+                }
+            }
+        }
+        if let Some(r) = &self.region {
+            let ok = !r.is_empty()
+                && r.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                return Err((
+                    "region",
+                    format!("{r:?} is not a region name such as eu-west-1"),
+                ));
+            }
+        }
+        if let Some(id) = &self.instance_id {
+            check_aws_id(id, "i-").map_err(|m| ("instance_id", m))?;
+        }
+        if let Some(id) = &self.eni_id {
+            check_aws_id(id, "eni-").map_err(|m| ("eni_id", m))?;
+        }
+        if let Some(id) = &self.elastic_ip_allocation_id {
+            check_aws_id(id, "eipalloc-").map_err(|m| ("elastic_ip_allocation_id", m))?;
+        }
+        for rt in &self.route_tables {
+            check_aws_id(rt, "rtb-").map_err(|m| ("route_tables", m))?;
+        }
+        check_interface(&self.interface).map_err(|m| ("interface", m))?;
+        for (key, v) in [
+            ("secondary_ip", &self.secondary_ip),
+            ("overlay_ip", &self.overlay_ip),
+        ] {
+            if let Some(ip) = v {
+                ip.parse::<std::net::Ipv4Addr>()
+                    .map_err(|_| (key, format!("{ip:?} is not an IPv4 address")))?;
+            }
+        }
+        match (&self.overlay_ip, self.route_tables.is_empty()) {
+            (Some(_), true) => {
+                return Err((
+                    "route_tables",
+                    "overlay_ip needs at least one route table to point at the primary".into(),
+                ))
+            }
+            (None, false) => {
+                return Err((
+                    "overlay_ip",
+                    "route_tables are set but overlay_ip (the routed address) is not".into(),
+                ))
+            }
+            _ => {}
+        }
+        if self.fencing_timeout.0 < std::time::Duration::from_secs(1) {
+            return Err(("fencing_timeout", "must be at least 1s".into()));
+        }
+        if self.permission_check_interval.0 < std::time::Duration::from_secs(10) {
+            return Err((
+                "permission_check_interval",
+                "must be at least 10s (DryRun calls count against the EC2 API rate limit)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -242,6 +242,7 @@ pub fn failover_record(
         kind,
         old_holder: lease.map(|l| l.holder.clone()),
         lost_because,
+        old_released: lease.is_some_and(|l| l.released),
         new_holder: me.to_string(),
         won_because: won_because.to_string(),
         candidates: candidates

@@ -61,6 +61,19 @@ pub struct ClusterState {
     /// One record per change of holder, oldest first (the last `FAILOVER_RECORDS`).
     #[serde(default)]
     pub failovers: Vec<FailoverRecord>,
+    /// Where each member runs on EC2, as it reported itself (for fencing a member that no
+    /// longer answers).
+    #[serde(default)]
+    pub placements: std::collections::BTreeMap<String, Placement>,
+}
+
+/// A member's EC2 instance, as its agent found it through the instance metadata service.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    pub instance_id: String,
+    pub eni_id: String,
+    pub availability_zone: String,
+    pub private_ip: String,
 }
 
 /// How many failover records the state keeps.
@@ -131,6 +144,11 @@ pub enum Proposal {
     },
     Pause,
     Resume,
+    /// A member reports where it runs on EC2.
+    SetPlacement {
+        node: String,
+        placement: Placement,
+    },
     /// Change the dynamic configuration (validated again when applied).
     SetConfig {
         patch: ConfigPatch,
@@ -294,6 +312,10 @@ impl ClusterState {
                 if let Some(r) = self.failovers.iter_mut().rev().find(|r| r.epoch == *epoch) {
                     r.steps.push(step.clone());
                 }
+                Ok(())
+            }
+            Proposal::SetPlacement { node, placement } => {
+                self.placements.insert(node.clone(), placement.clone());
                 Ok(())
             }
             Proposal::Pause => {

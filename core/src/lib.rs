@@ -8,6 +8,7 @@ pub mod decide;
 pub mod duration;
 pub mod dynconfig;
 pub mod elect;
+pub mod endpoints;
 pub mod event;
 pub mod health;
 pub mod lease;

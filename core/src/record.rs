@@ -54,6 +54,9 @@ pub struct FailoverRecord {
     pub old_holder: Option<String>,
     /// Why the old holder lost the lease (expired, released, …).
     pub lost_because: String,
+    /// The old holder released the lease (it stepped down cleanly); false when it ran out.
+    #[serde(default)]
+    pub old_released: bool,
     pub new_holder: String,
     /// Why this member won.
     pub won_because: String,

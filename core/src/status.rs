@@ -188,6 +188,10 @@ pub struct NodeStatus {
     /// A witness: an agent without PostgreSQL that only votes.
     #[serde(default)]
     pub witness: bool,
+    /// The client endpoints (local VIP, EC2 addresses) and whether this node could take them
+    /// over now; `None` when none are configured.
+    #[serde(default)]
+    pub endpoints: Option<crate::endpoints::EndpointStatus>,
 }
 
 impl NodeStatus {

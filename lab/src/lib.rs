@@ -48,6 +48,13 @@ pub struct LabSpec {
     pub node_config: Vec<(String, String)>,
     /// Witness hosts (`w1`, …) after the PostgreSQL nodes: an agent without PostgreSQL.
     pub witnesses: usize,
+    /// A local virtual IP (`10.77.0.100/24`) that follows the primary (network namespaces).
+    pub vip: Option<String>,
+    /// Start the EC2 emulator and one metadata responder per node, and configure the
+    /// secondary private IP (the VIP address), an Elastic IP, a route-table IP and fencing.
+    pub ec2: bool,
+    /// With `ec2`: the agents' `fencing` setting.
+    pub fencing: String,
 }
 
 impl LabSpec {
@@ -70,6 +77,9 @@ impl LabSpec {
             tls: true,
             node_config: Vec::new(),
             witnesses: 0,
+            vip: None,
+            ec2: false,
+            fencing: "stop".into(),
         }
     }
 }
@@ -109,6 +119,44 @@ pub struct Lab {
     #[serde(default)]
     pub tls: Option<LabTls>,
     pub nodes: Vec<LabNode>,
+    /// The `client` host: its own namespace on the bridge (network-namespace labs).
+    #[serde(default)]
+    pub client: Option<LabClient>,
+    #[serde(default)]
+    pub vip: Option<String>,
+    /// The EC2 emulator, when the lab was made with `ec2`.
+    #[serde(default)]
+    pub ec2: Option<LabEc2>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabClient {
+    pub host: String,
+    pub netns: String,
+    pub veth: String,
+}
+
+/// The EC2 emulator of a lab: its process and the world it created (the emulator's own
+/// description: endpoint, ids of the VPC, subnet, route table, Elastic IP, and per node its
+/// instance, ENI and metadata endpoint).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabEc2 {
+    pub pid: i32,
+    pub endpoint: String,
+    pub overlay_ip: String,
+    pub world: serde_json::Value,
+}
+
+impl LabEc2 {
+    pub fn node(&self, name: &str) -> Option<&serde_json::Value> {
+        self.world["nodes"].get(name)
+    }
+    pub fn instance_id(&self, name: &str) -> Option<String> {
+        self.node(name)?["instance_id"].as_str().map(String::from)
+    }
+    pub fn eni_id(&self, name: &str) -> Option<String> {
+        self.node(name)?["eni_id"].as_str().map(String::from)
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -231,7 +279,28 @@ impl Lab {
             agent_env: spec.agent_env.clone(),
             tls: None,
             nodes: Vec::new(),
+            client: None,
+            vip: None,
+            ec2: None,
         };
+        if (spec.vip.is_some() || spec.ec2) && spec.mode != Mode::Netns {
+            bail!("--vip and --ec2 need network namespaces: run the lab as root");
+        }
+        lab.vip = match (&spec.vip, spec.ec2) {
+            (Some(v), _) => Some(v.clone()),
+            (None, true) => Some(format!("{}/24", subnet.addr(100))),
+            (None, false) => None,
+        };
+        if let Some(v) = &lab.vip {
+            let (ip, _) =
+                pgwarden_core::config::parse_cidr(v).map_err(|e| anyhow!("--vip: {e}"))?;
+            if !subnet_contains(&subnet, &ip.to_string()) {
+                bail!(
+                    "--vip {v}: the address must be inside the lab's subnet {}",
+                    subnet.cidr()
+                );
+            }
+        }
         for i in 1..=spec.nodes + spec.witnesses {
             let witness = i > spec.nodes;
             let name = if witness {
@@ -279,6 +348,17 @@ impl Lab {
                     net::add_host(ns, veth, &bridge, &n.host)?;
                 }
             }
+            let client = LabClient {
+                host: subnet.addr(200),
+                netns: format!("pgwl-{}-client", spec.name),
+                veth: format!("pw{}c", spec.name),
+            };
+            net::add_host(&client.netns, &client.veth, &bridge, &client.host)?;
+            lab.client = Some(client);
+            lab.save()?;
+        }
+        if spec.ec2 {
+            lab.start_ec2(&subnet)?;
         }
         if spec.tls {
             lab.make_certs()?;
@@ -361,6 +441,157 @@ impl Lab {
         Ok(b.build()?)
     }
 
+    /// The `[vip]` and `[aws]` sections of a PostgreSQL node's configuration.
+    fn endpoint_config(&self, n: &LabNode, spec: &LabSpec) -> String {
+        let mut out = String::new();
+        if n.witness {
+            return out;
+        }
+        if let Some(v) = &self.vip {
+            out.push_str(&format!(
+                "\n[vip]\naddress = \"{v}\"\ninterface = \"eth0\"\nlabel = \"eth0:pgw\"\n"
+            ));
+        }
+        if let Some(e) = &self.ec2 {
+            let vip_ip = self
+                .vip
+                .as_deref()
+                .and_then(|v| v.split('/').next())
+                .unwrap_or_default();
+            let imds = e
+                .node(&n.name)
+                .and_then(|x| x["imds"].as_str())
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "\n[aws]\nendpoint_url = \"{}\"\nmetadata_endpoint = \"{imds}\"\nsecondary_ip = \"{vip_ip}\"\nelastic_ip_allocation_id = \"{}\"\nroute_tables = [\"{}\"]\noverlay_ip = \"{}\"\nfencing = \"{}\"\nfencing_timeout = \"30s\"\n",
+                e.endpoint,
+                e.world["allocation_id"].as_str().unwrap_or_default(),
+                e.world["route_table_id"].as_str().unwrap_or_default(),
+                e.overlay_ip,
+                spec.fencing,
+            ));
+        }
+        out
+    }
+
+    /// Starts the EC2 emulator on the bridge's address (reachable from every host, never
+    /// routed off the machine) and waits for the world it creates.
+    fn start_ec2(&mut self, subnet: &Subnet) -> Result<()> {
+        let gw = subnet.addr(1);
+        let python = std::env::var("PGWARDEN_VENV")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from("/var/tmp/pgwarden-venv"))
+            .join("bin/python");
+        let script = emulator_script()?;
+        let dir = self.dir.join("ec2");
+        std::fs::create_dir_all(&dir)?;
+        let nodes: Vec<serde_json::Value> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| !n.witness)
+            .map(|(i, n)| {
+                serde_json::json!({
+                    "name": n.name,
+                    "private_ip": n.host,
+                    "imds_listen": format!("{gw}:{}", 5101 + i),
+                })
+            })
+            .collect();
+        let world = serde_json::json!({
+            "region": "us-east-1",
+            "availability_zone": "us-east-1a",
+            "vpc_cidr": subnet.cidr(),
+            "subnet_cidr": subnet.cidr(),
+            "nodes": nodes,
+            "elastic_ip": true,
+            "route_table": true,
+        });
+        let world_file = dir.join("world.json");
+        let out_file = dir.join("state.json");
+        std::fs::write(&world_file, serde_json::to_string_pretty(&world)?)?;
+        let lab_bin = self.agent_bin.with_file_name("pgwarden-lab");
+        let hook = format!(
+            "{} --name {} --dir {} ec2-hook",
+            lab_bin.display(),
+            self.name,
+            self.dir.display()
+        );
+        let log = std::fs::File::create(dir.join("emulator.log"))?;
+        use std::os::unix::process::CommandExt;
+        let child = Command::new(&python)
+            .arg(&script)
+            .arg("--listen")
+            .arg(format!("{gw}:5000"))
+            .arg("--world")
+            .arg(&world_file)
+            .arg("--out")
+            .arg(&out_file)
+            .arg("--hook")
+            .arg(&hook)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "start the EC2 emulator with {} (scripts/install-deps.sh installs it)",
+                    python.display()
+                )
+            })?;
+        let pid = child.id() as i32;
+        std::thread::spawn(move || {
+            let mut c = child;
+            let _ = c.wait();
+        });
+        // The overlay address: inside the lab range, outside the emulated VPC (the subnet).
+        let third = subnet.addr(1).split('.').nth(2).unwrap_or("0").to_string();
+        self.ec2 = Some(LabEc2 {
+            pid,
+            endpoint: format!("http://{gw}:5000"),
+            overlay_ip: format!("10.77.255.{third}"),
+            world: serde_json::Value::Null,
+        });
+        self.save()?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let state = loop {
+            if let Ok(text) = std::fs::read_to_string(&out_file) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    break v;
+                }
+            }
+            if !pid_alive(pid) {
+                bail!(
+                    "the EC2 emulator exited; see {}",
+                    dir.join("emulator.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the EC2 emulator did not start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if let Some(e) = &mut self.ec2 {
+            e.world = state;
+        }
+        self.save()
+    }
+
+    /// What the EC2 emulator calls when an instance is stopped, started or rebooted: the
+    /// host really goes down or comes back.
+    pub fn ec2_hook(&mut self, action: &str, node: &str) -> Result<()> {
+        match action {
+            "stop" => self.fault(Fault::StopNode, node),
+            "start" => self.fault(Fault::StartNode, node),
+            "reboot" => {
+                self.fault(Fault::StopNode, node)?;
+                self.fault(Fault::StartNode, node)
+            }
+            _ => bail!("unknown EC2 hook action {action:?}"),
+        }
+    }
+
     fn agent_config(&self, n: &LabNode, spec: &LabSpec, replication_password: &str) -> String {
         let mut members = String::new();
         for m in &self.nodes {
@@ -417,7 +648,7 @@ pg_hba = ["{extra_hba}"]
 shared_buffers = "32MB"
 max_connections = 40
 log_line_prefix = "%m [%p] %q%a "
-"#,
+{endpoints}"#,
             name = n.name,
             dir = n.dir.display(),
             loop_wait = spec.loop_wait,
@@ -430,6 +661,7 @@ log_line_prefix = "%m [%p] %q%a "
             data = n.data_dir.display(),
             su = self.superuser_password,
             rp = replication_password,
+            endpoints = self.endpoint_config(n, spec),
             tls = match &self.tls {
                 Some(t) => format!(
                     "\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
@@ -544,6 +776,10 @@ log_line_prefix = "%m [%p] %q%a "
                 for pid in self.node_pids(node)? {
                     wait_dead(pid);
                 }
+                let n = self.node(node)?;
+                if let Some(ns) = &n.netns {
+                    net::drop_extra_addrs(ns, &n.host);
+                }
                 self.node_mut(node)?.agent_pid = None;
                 self.save()?;
             }
@@ -571,10 +807,36 @@ log_line_prefix = "%m [%p] %q%a "
     /// A command that runs inside a node's host, with libpq variables pointing at its own
     /// PostgreSQL (so `psql` just works there, even while the host is partitioned).
     pub fn exec(&self, node: &str, argv: &[String]) -> Result<Command> {
-        let n = self.node(node)?;
         let (prog, args) = argv
             .split_first()
             .ok_or_else(|| anyhow!("exec needs a command"))?;
+        if node == "client" {
+            let mut cmd = match &self.client {
+                Some(c) => {
+                    let mut cmd = Command::new("ip");
+                    cmd.args(["netns", "exec", &c.netns, prog]);
+                    cmd
+                }
+                None => Command::new(prog),
+            };
+            cmd.args(args)
+                .env("PGUSER", "postgres")
+                .env("PGPASSWORD", &self.superuser_password)
+                .env("PGDATABASE", "postgres")
+                .env(
+                    "PATH",
+                    format!(
+                        "{}:{}",
+                        self.pg_bin.display(),
+                        std::env::var("PATH").unwrap_or_default()
+                    ),
+                );
+            if let Some(v) = &self.vip {
+                cmd.env("PGHOST", v.split('/').next().unwrap_or_default());
+            }
+            return Ok(cmd);
+        }
+        let n = self.node(node)?;
         let mut cmd = match &n.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -622,6 +884,26 @@ log_line_prefix = "%m [%p] %q%a "
                 net::del_host(ns, veth);
             }
         }
+        if let Some(c) = &self.client {
+            for pid in net::netns_pids(&c.netns) {
+                kill(pid, libc::SIGKILL);
+                wait_dead(pid);
+            }
+            net::del_host(&c.netns, &c.veth);
+        }
+        if let Some(e) = &self.ec2 {
+            if pid_alive(e.pid) {
+                kill(e.pid, libc::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid_alive(e.pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if pid_alive(e.pid) {
+                    kill(e.pid, libc::SIGKILL);
+                    wait_dead(e.pid);
+                }
+            }
+        }
         if let Some(b) = &self.bridge {
             net::sh_quiet("ip", &["link", "del", b]);
         }
@@ -660,7 +942,11 @@ log_line_prefix = "%m [%p] %q%a "
                 wait_dead(pid);
             }
             let node = &ns[prefix.len()..];
-            let veth = format!("pw{name}{}", node.trim_start_matches('n'));
+            let veth = if node == "client" {
+                format!("pw{name}c")
+            } else {
+                format!("pw{name}{}", node.trim_start_matches('n'))
+            };
             net::del_host(ns, &veth);
         }
         net::sh_quiet("ip", &["link", "del", &bridge]);
@@ -795,6 +1081,18 @@ log_line_prefix = "%m [%p] %q%a "
             "superuser": "postgres",
             "superuser_password": self.superuser_password,
             "nodes": nodes,
+            "client": self.client,
+            "vip": self.vip,
+            "ec2": self.ec2.as_ref().map(|e| serde_json::json!({
+                "endpoint": e.endpoint,
+                "overlay_ip": e.overlay_ip,
+                "vpc_id": e.world["vpc_id"],
+                "subnet_id": e.world["subnet_id"],
+                "route_table_id": e.world["route_table_id"],
+                "allocation_id": e.world["allocation_id"],
+                "public_ip": e.world["public_ip"],
+                "nodes": e.world["nodes"],
+            })),
         })
     }
 }
@@ -825,6 +1123,28 @@ impl std::str::FromStr for Fault {
             ),
         })
     }
+}
+
+fn subnet_contains(subnet: &Subnet, ip: &str) -> bool {
+    let net = subnet.addr(0);
+    let prefix: Vec<&str> = net.split('.').take(3).collect();
+    let other: Vec<&str> = ip.split('.').take(3).collect();
+    prefix == other
+}
+
+/// `tests/fixtures/ec2/emulator.py` of this source tree (or `$PGWARDEN_EC2_EMULATOR`).
+fn emulator_script() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PGWARDEN_EC2_EMULATOR") {
+        return Ok(PathBuf::from(p));
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/ec2/emulator.py");
+    if p.is_file() {
+        return Ok(p);
+    }
+    bail!(
+        "the EC2 emulator script is not at {} (set PGWARDEN_EC2_EMULATOR)",
+        p.display()
+    )
 }
 
 fn set_mode(p: &Path, mode: u32) -> Result<()> {

@@ -51,6 +51,16 @@ enum Cmd {
         /// How long to wait for a healthy cluster.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
+        /// A virtual IP that follows the primary, e.g. `10.77.0.100/24` (network namespaces).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Start the EC2 emulator and a metadata responder per node; the agents move the
+        /// secondary private IP (the VIP address), an Elastic IP and a route, and fence.
+        #[arg(long)]
+        ec2: bool,
+        /// With --ec2: none, stop or reboot.
+        #[arg(long, default_value = "stop")]
+        fencing: String,
     },
     /// Print the lab's description with each node's live role and state.
     Status,
@@ -58,7 +68,11 @@ enum Cmd {
     Down,
     /// Inject a fault: kill-postgres, kill-agent, stop-node, start-node, partition, heal.
     Fault { kind: Fault, node: String },
-    /// Run a command inside a node's host: `pgwarden-lab exec n1 -- psql -c 'select 1'`.
+    /// Called by the EC2 emulator when it stops, starts or reboots a node's instance.
+    #[command(hide = true)]
+    Ec2Hook { action: String, node: String },
+    /// Run a command inside a node's host: `pgwarden-lab exec n1 -- psql -c 'select 1'`;
+    /// `client` is a host of its own whose PGHOST is the VIP.
     Exec {
         node: String,
         #[arg(last = true, required = true)]
@@ -103,6 +117,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             agent_bin,
             loop_wait,
             timeout,
+            vip,
+            ec2,
+            fencing,
         } => {
             let mut spec = LabSpec::new(&cli.name);
             spec.dir = dir;
@@ -112,6 +129,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             spec.base_port = base_port;
             spec.pg_bin = pg_bin;
             spec.loop_wait = loop_wait;
+            spec.vip = vip;
+            spec.ec2 = ec2;
+            spec.fencing = fencing;
             if let Some(a) = agent_bin {
                 spec.agent_bin = a;
             }
@@ -165,6 +185,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut lab = Lab::load(&dir)?;
             lab.fault(kind, &node)?;
             eprintln!("{kind:?} on {node}: done");
+        }
+        Cmd::Ec2Hook { action, node } => {
+            let mut lab = Lab::load(&dir)?;
+            lab.ec2_hook(&action, &node)?;
         }
         Cmd::Exec { node, cmd } => {
             let lab = Lab::load(&dir)?;

@@ -133,6 +133,25 @@ pub fn add_host(netns: &str, veth: &str, bridge: &str, addr: &str) -> Result<()>
     Ok(())
 }
 
+/// Removes every IPv4 address of the host's `eth0` but its own: what a powered-off host
+/// loses (a VIP it carried does not survive a stop).
+pub fn drop_extra_addrs(netns: &str, own: &str) {
+    let Ok(out) = sh(
+        "ip",
+        &["-n", netns, "-4", "-o", "addr", "show", "dev", "eth0"],
+    ) else {
+        return;
+    };
+    for line in out.lines() {
+        let Some(cidr) = line.split_whitespace().skip_while(|w| *w != "inet").nth(1) else {
+            continue;
+        };
+        if cidr.split('/').next() != Some(own) {
+            sh_quiet("ip", &["-n", netns, "addr", "del", cidr, "dev", "eth0"]);
+        }
+    }
+}
+
 pub fn del_host(netns: &str, veth: &str) {
     // The veth goes first, or the namespace name can linger for minutes.
     sh_quiet("ip", &["link", "del", veth]);

@@ -17,6 +17,9 @@ pub struct ProbeConfig {
     pub interval: Duration,
     /// How long one write may take before it counts as failed.
     pub write_timeout: Duration,
+    /// Attribute each write to the server that answered (its `cluster_name`), not to the
+    /// target: for a single target such as a VIP, which server was behind it.
+    pub identify: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -36,6 +39,9 @@ pub struct ProbeReport {
     pub per_node: BTreeMap<String, u64>,
     /// The node that held the final data.
     pub final_primary: Option<String>,
+    /// `(first sequence number, node)` each time another node acknowledged than the one
+    /// before (in sequence order): with a VIP, every move of the writable endpoint.
+    pub switches: Vec<(i64, String)>,
 }
 
 #[derive(Default)]
@@ -96,6 +102,7 @@ pub async fn run(
         let mut rx = tx.subscribe();
         let log = log.clone();
         let timeout = cfg.write_timeout;
+        let identify = cfg.identify;
         tasks.push(tokio::spawn(async move {
             let mut client: Option<Client> = None;
             while let Ok(seq) = rx.recv().await {
@@ -103,28 +110,31 @@ pub async fn run(
                     client = connect(&dsn, timeout).await.ok();
                 }
                 let Some(c) = &client else { continue };
-                let res = tokio::time::timeout(
-                    timeout,
-                    c.query_opt(
-                        "INSERT INTO pgwarden_probe (seq, node) VALUES ($1, $2) RETURNING coalesce(inet_server_addr()::text, 'local')",
-                        &[&seq, &name],
-                    ),
-                )
-                .await;
+                let sql = if identify {
+                    "INSERT INTO pgwarden_probe (seq, node) VALUES ($1, split_part(current_setting('cluster_name'), '/', 2)) RETURNING node"
+                } else {
+                    "INSERT INTO pgwarden_probe (seq, node) VALUES ($1, $2) RETURNING coalesce(inet_server_addr()::text, 'local')"
+                };
+                let res = if identify {
+                    tokio::time::timeout(timeout, c.query_opt(sql, &[&seq])).await
+                } else {
+                    tokio::time::timeout(timeout, c.query_opt(sql, &[&seq, &name])).await
+                };
                 match res {
                     // Counted only when the server returned the inserted row's proof (its own
-                    // address): an acknowledgement the client actually received.
+                    // address or name): an acknowledgement the client actually received.
                     Ok(Ok(Some(row))) => {
+                        let proof: String = row.get(0);
                         if std::env::var("PGWARDEN_PROBE_DEBUG").is_ok() {
-                            let addr: String = row.get(0);
                             eprintln!(
-                                "probe: seq {seq} acknowledged by {name} ({addr}) after {} ms",
+                                "probe: seq {seq} acknowledged by {name} ({proof}) after {} ms",
                                 start.elapsed().as_millis()
                             );
                         }
+                        let who = if identify { proof } else { name.clone() };
                         let at = start.elapsed().as_millis() as u64;
                         if let Ok(mut l) = log.lock() {
-                            l.acks.entry(seq).or_default().push(name.clone());
+                            l.acks.entry(seq).or_default().push(who);
                             l.ack_times.push(at);
                         }
                     }
@@ -178,6 +188,11 @@ pub async fn run(
     for (seq, nodes) in &acks {
         for n in nodes {
             *report.per_node.entry(n.clone()).or_default() += 1;
+        }
+        if let Some(n) = nodes.first() {
+            if report.switches.last().is_none_or(|(_, last)| last != n) {
+                report.switches.push((*seq, n.clone()));
+            }
         }
         if nodes.len() > 1 {
             report.split_brain_writes += 1;

@@ -24,9 +24,12 @@ struct Cli {
     /// Milliseconds between writes.
     #[arg(long, default_value_t = 50)]
     interval_ms: u64,
-    /// How long to run, in seconds (Ctrl-C stops earlier).
+    /// How long to run, in seconds (Ctrl-C or SIGTERM stops earlier).
     #[arg(long, default_value_t = 30)]
     seconds: u64,
+    /// Attribute each write to the server that answered (for one target such as a VIP).
+    #[arg(long)]
+    identify: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -52,12 +55,19 @@ async fn main() -> Result<()> {
         targets,
         interval: Duration::from_millis(cli.interval_ms),
         write_timeout: Duration::from_secs(1),
+        identify: cli.identify,
     };
     let secs = cli.seconds;
     let stop = async move {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(secs)) => {}
             _ = tokio::signal::ctrl_c() => {}
+            _ = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => { s.recv().await; }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            } => {}
         }
     };
     let report = run(cfg, stop).await?;

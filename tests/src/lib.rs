@@ -330,6 +330,7 @@ impl TestLab {
             targets,
             interval,
             write_timeout: Duration::from_secs(1),
+            identify: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(pgwarden_lab::probe::run(cfg, async move {
