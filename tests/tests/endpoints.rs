@@ -229,16 +229,12 @@ async fn wait_ec2_on(t: &TestLab, node: &str, timeout: Duration) -> Value {
             .unwrap_or_default();
         let eip_ok = st["elastic_ip"]["eni_id"] == eni.as_str()
             && st["elastic_ip"]["private_ip"] == vip_ip.as_str();
-        let route_ok = st["routes"]
-            .as_object()
-            .and_then(|m| m.values().next())
-            .and_then(|r| r.as_array())
-            .is_some_and(|r| {
-                r.iter().any(|x| {
-                    x["destination"] == format!("{}/32", e.overlay_ip)
-                        && x["eni_id"] == eni.as_str()
-                })
-            });
+        let rtb = e.world["route_table_id"].as_str().unwrap();
+        let route_ok = st["routes"][rtb].as_array().is_some_and(|r| {
+            r.iter().any(|x| {
+                x["destination"] == format!("{}/32", e.overlay_ip) && x["eni_id"] == eni.as_str()
+            })
+        });
         if on == [eni.clone()] && eip_ok && route_ok {
             return st;
         }
@@ -440,7 +436,10 @@ async fn ec2_throttling_is_retried_and_a_denied_action_is_named() {
     let log = fixture(&t, "/fixture/calls", None).await;
     let assigns: Vec<Value> = calls(&log, "AssignPrivateIpAddresses")
         .into_iter()
-        .filter(|c| c["params"]["NetworkInterfaceId"] == eni3.as_str())
+        .filter(|c| {
+            c["params"]["NetworkInterfaceId"] == eni3.as_str()
+                && c["params"]["PrivateIpAddress.1"] == vip_ip.as_str()
+        })
         .collect();
     assert!(
         assigns.len() >= 3 && assigns[0]["result"] == "RequestLimitExceeded",
