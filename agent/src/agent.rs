@@ -187,6 +187,9 @@ pub struct Agent {
     endpoints: crate::endpoints::Endpoints,
     /// PostgreSQL was promoted in this round (the status still shows the replica).
     promoted_now: bool,
+    /// The two-node arbiter stopped the peer: (epoch of the lease on record then, what
+    /// happened, when).
+    arbiter_fenced: Option<(u64, String, u64)>,
 }
 
 /// How long an API operation waits on a condition it cannot change (e.g. an unreachable
@@ -228,6 +231,7 @@ impl Agent {
             last_sql: None,
             endpoints: crate::endpoints::Endpoints::new(shared.clone()),
             promoted_now: false,
+            arbiter_fenced: None,
         };
         Ok(agent)
     }
@@ -707,9 +711,28 @@ impl Agent {
             local_primary_running: me.role == Role::Primary && me.state == PgState::Running,
             pg_down_ms: self.pg_down_since.map(|t| t.elapsed().as_millis() as u64),
             peer_has_cluster: self.peer_has_cluster(),
+            arbiter_holding: self.shared.lease.arbiter(),
         };
-        let mv = pgwarden_core::elect::next_move(&inputs);
+        let mut mv = pgwarden_core::elect::next_move(&inputs);
         self.lease_wait = None;
+        if self.shared.lease.arbiter() {
+            self.arbiter_step().await;
+        }
+        // Two members, one gone: nothing can commit, so do not block the loop proposing (the
+        // arbiter below decides, and its lease must be extended at every loop).
+        if let Some(peer) = self.arbiter_peer() {
+            let gone = self.peer_status(&peer).is_none();
+            if gone
+                && matches!(
+                    mv,
+                    Move::Acquire { .. } | Move::Renew | Move::Release { .. }
+                )
+            {
+                mv = Move::Wait(format!(
+                    "no majority: {peer} does not answer, so nothing can be committed"
+                ));
+            }
+        }
         let res = match mv {
             Move::Nothing => Ok(()),
             Move::Wait(w) => {
@@ -725,7 +748,7 @@ impl Agent {
                 } else {
                     ChangeKind::Failover
                 };
-                let record = pgwarden_core::elect::failover_record(
+                let mut record = pgwarden_core::elect::failover_record(
                     kind,
                     &self.cfg.node.name,
                     &st,
@@ -733,9 +756,37 @@ impl Agent {
                     now_ms(),
                     &reason,
                 );
-                crate::lease::acquire(&self.shared, &reason, false, Some(record))
-                    .await
-                    .map(|_| ())
+                if let Some((_, msg, at)) = self
+                    .arbiter_fenced
+                    .as_ref()
+                    .filter(|_| self.shared.lease.arbiter())
+                {
+                    record.steps.push(pgwarden_core::record::Step {
+                        step: "fenced".into(),
+                        at_ms: *at,
+                        by: self.cfg.node.name.clone(),
+                        detail: format!(
+                            "{msg} (two-node fencing arbiter; promoted before this commit)"
+                        ),
+                    });
+                }
+                let acquire = crate::lease::acquire(&self.shared, &reason, false, Some(record));
+                match self
+                    .shared
+                    .lease
+                    .remaining()
+                    .filter(|_| self.shared.lease.arbiter())
+                {
+                    // On the arbiter: extended first, and never waiting past its deadline.
+                    Some(left) => {
+                        let left = left.saturating_sub(Duration::from_millis(300));
+                        match tokio::time::timeout(left, acquire).await {
+                            Ok(r) => r.map(|_| ()),
+                            Err(_) => Err(anyhow!("not committed within {left:?}")),
+                        }
+                    }
+                    None => acquire.await.map(|_| ()),
+                }
             }
             Move::Release { reason } => {
                 crate::lease::release(&self.shared, None, None, &reason).await
@@ -751,6 +802,7 @@ impl Agent {
                 self.last_lease_error = Some(msg);
             }
         }
+        self.arbiter_step().await;
         let st = self.shared.consensus.sm.state();
         self.intent = pgwarden_core::elect::intent(
             &self.cfg.node.name,
@@ -758,6 +810,101 @@ impl Agent {
             self.shared.lease.holding().is_some(),
             &self.cfg.cluster.initial_primary,
         );
+    }
+
+    /// The other member of a two-node cluster without a witness (None otherwise).
+    fn arbiter_peer(&self) -> Option<String> {
+        let members = &self.cfg.cluster.members;
+        if members.len() != 2 || members.iter().any(|m| m.witness) {
+            return None;
+        }
+        self.cfg.peers().next().map(|m| m.name.clone())
+    }
+
+    /// The two-node fencing arbiter (`elect::arbiter`): with the peer gone, stop its instance,
+    /// see it stopped, then hold the lease locally until the group can commit again.
+    async fn arbiter_step(&mut self) {
+        let Some(peer) = self.arbiter_peer() else {
+            return;
+        };
+        let st = self.shared.consensus.sm.state();
+        let epoch_on_record = st.lease.as_ref().map(|l| l.epoch);
+        // The arbiter's lease was committed in the group (a proposal that timed out here may
+        // still commit): from now on it is renewed like any lease.
+        if let (Some(held), Some(l)) = (self.shared.lease.holding(), &st.lease) {
+            if self.shared.lease.arbiter()
+                && l.holder == self.cfg.node.name
+                && l.epoch == held
+                && !l.released
+            {
+                if let Err(e) = crate::lease::renew(&self.shared).await {
+                    tracing::info!(error = %format!("{e:#}"), "renew the arbiter's committed lease");
+                }
+                return;
+            }
+        }
+        let me = self.shared.status();
+        let cands = candidates(&me, &self.peers);
+        let fencing = self
+            .cfg
+            .aws
+            .as_ref()
+            .is_some_and(|a| a.fencing != pgwarden_core::config::Fencing::None);
+        let inputs = pgwarden_core::elect::ArbiterInputs {
+            me: &self.cfg.node.name,
+            peer: &peer,
+            state: &st,
+            now_ms: now_ms(),
+            fencing,
+            peer_answering: self.peer_status(&peer).is_some(),
+            me_candidate: cands.iter().find(|c| c.name == self.cfg.node.name),
+            peer_fenced: self
+                .arbiter_fenced
+                .as_ref()
+                .is_some_and(|f| Some(f.0) == epoch_on_record),
+            arbiter_epoch: self
+                .shared
+                .lease
+                .holding()
+                .filter(|_| self.shared.lease.arbiter()),
+        };
+        use pgwarden_core::elect::ArbiterMove;
+        match pgwarden_core::elect::arbiter(&inputs) {
+            ArbiterMove::NotNeeded => {}
+            ArbiterMove::Wait(w) => self.lease_wait = Some(w),
+            ArbiterMove::Fence { peer } => {
+                self.lease_wait = Some(format!("fencing {peer} (two-node fencing arbiter)"));
+                match self.endpoints.fence_peer(&peer).await {
+                    Ok(msg) => {
+                        if let Some(e) = epoch_on_record {
+                            self.arbiter_fenced = Some((e, msg, now_ms()));
+                        }
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        self.shared.events.record("fencing_failed", msg.clone());
+                        self.lease_wait =
+                            Some(format!("the fencing arbiter could not stop {peer}: {msg}"));
+                    }
+                }
+            }
+            ArbiterMove::Hold { epoch } => {
+                let f = st.config.failover;
+                if !self.shared.lease.arbiter() {
+                    self.shared.events.record(
+                        "lease_arbiter",
+                        format!(
+                            "holding the lease (epoch {epoch}) on the fencing arbiter: {peer}'s \
+                             instance was seen stopped; it is committed in the group when {peer} \
+                             is back"
+                        ),
+                    );
+                }
+                self.shared
+                    .lease
+                    .arbiter_hold(epoch, f.ttl_ms(), f.margin_ms());
+            }
+        }
     }
 
     fn peer_has_cluster(&self) -> bool {
@@ -1640,6 +1787,7 @@ fn candidates(
             nofailover: s.tags.nofailover,
             failover_priority: s.tags.effective_failover_priority(),
             received_lsn: s.wal.received.max(s.wal.replayed),
+            writable_primary: s.is_writable_primary(),
         },
         None => Candidate {
             name: name.to_string(),
@@ -1648,6 +1796,7 @@ fn candidates(
             nofailover: false,
             failover_priority: 0,
             received_lsn: None,
+            writable_primary: false,
         },
     };
     std::iter::once(of(&me.name, Some(me)))

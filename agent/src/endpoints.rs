@@ -372,6 +372,50 @@ impl Endpoints {
         }
     }
 
+    /// The two-node arbiter: stop `peer`'s instance and wait until it is stopped. Refuses
+    /// when this node's own instance is not running (the peer fenced it first).
+    pub async fn fence_peer(&mut self, peer: &str) -> Result<String> {
+        self.prepare().await;
+        let Some(cfg) = self.shared.cfg.aws.clone() else {
+            anyhow::bail!("no [aws] section: no fencing");
+        };
+        let Some(ctx) = &self.aws else {
+            anyhow::bail!(
+                "the EC2 client is not ready: {}",
+                self.aws_error.as_deref().unwrap_or("starting")
+            );
+        };
+        let Some(instance) = self.instance_of(peer) else {
+            anyhow::bail!(
+                "{peer}'s instance is unknown (set cluster.members.instance_id or let its agent \
+                 report it once)"
+            );
+        };
+        let own = ctx.ec2.instance_state(&ctx.me.instance_id).await?;
+        if own != "running" {
+            anyhow::bail!("this instance is {own}: {peer} fenced it first");
+        }
+        self.shared.events.record(
+            "fencing",
+            format!(
+                "fencing {peer} ({instance}, fencing = {}): two-node cluster, {peer} does not \
+                 answer",
+                cfg.fencing.as_str()
+            ),
+        );
+        let out = ctx
+            .ec2
+            .fence(&instance, cfg.fencing, cfg.fencing_timeout.0)
+            .await
+            .map_err(|e| anyhow::anyhow!("fencing {peer} ({instance}): {e}"))?;
+        let msg = format!(
+            "fenced {peer} ({instance}): {} → {} in {} ms",
+            out.action, out.final_state, out.elapsed_ms
+        );
+        self.shared.events.record("fenced", msg.clone());
+        Ok(msg)
+    }
+
     /// One round: `hold` = this node holds lease `epoch` and runs the writable primary.
     pub async fn reconcile(&mut self, hold: bool, epoch: Option<u64>) {
         if !self.configured() {

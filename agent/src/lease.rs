@@ -25,6 +25,8 @@ struct Held {
     epoch: u64,
     /// Until when this member may accept writes (None: it holds no lease).
     deadline: Option<Instant>,
+    /// Held on the two-node fencing arbiter (the peer was seen stopped), not committed.
+    arbiter: bool,
 }
 
 pub struct LeaseKeeper {
@@ -87,9 +89,11 @@ impl LeaseKeeper {
             *h = Held {
                 epoch,
                 deadline: Some(new),
+                arbiter: false,
             };
-        } else if h.deadline.is_none_or(|d| new > d) {
-            h.deadline = Some(new);
+        } else if h.deadline.is_none_or(|d| new > d) || h.arbiter {
+            h.deadline = Some(new.max(h.deadline.unwrap_or(new)));
+            h.arbiter = false;
         } else {
             return;
         }
@@ -97,10 +101,41 @@ impl LeaseKeeper {
         self.write_guard(mono);
     }
 
+    /// Holds epoch `epoch` on the two-node fencing arbiter for `ttl - margin` from now: the
+    /// peer's instance was seen stopped, so nobody else can write or commit a lease. Extended
+    /// at every loop while the group cannot commit; replaced by the committed lease as soon as
+    /// it can (see `elect::arbiter`).
+    pub fn arbiter_hold(&self, epoch: u64, ttl_ms: u64, margin_ms: u64) {
+        if epoch <= self.retired.load(Ordering::SeqCst) {
+            return;
+        }
+        let valid = ttl_ms.saturating_sub(margin_ms);
+        let Ok(mut h) = self.held.lock() else {
+            return;
+        };
+        if h.epoch > epoch || (h.epoch == epoch && !h.arbiter && h.deadline.is_some()) {
+            return;
+        }
+        *h = Held {
+            epoch,
+            deadline: Some(Instant::now() + Duration::from_millis(valid)),
+            arbiter: true,
+        };
+        drop(h);
+        self.write_guard(sys::monotonic_ms() + valid);
+    }
+
+    /// Whether this member holds its lease on the fencing arbiter (not committed).
+    pub fn arbiter(&self) -> bool {
+        let h = self.get();
+        h.arbiter && h.deadline.is_some_and(|d| Instant::now() < d)
+    }
+
     /// Gives up the local right to write (after PostgreSQL stopped, or when the lease is lost).
     pub fn forget(&self) {
         if let Ok(mut h) = self.held.lock() {
             h.deadline = None;
+            h.arbiter = false;
         }
         self.write_guard(0);
     }
@@ -190,6 +225,10 @@ pub async fn acquire(
 
 /// Adds a step to the failover record of `epoch` (best effort: the record is for people).
 pub async fn record_step(shared: &Shared, epoch: u64, step: &str, detail: String) {
+    if shared.lease.arbiter() {
+        // Nothing commits on the arbiter; the acquisition's record tells the story later.
+        return;
+    }
     let p = Proposal::RecordStep {
         epoch,
         step: pgwarden_core::record::Step {
@@ -249,6 +288,11 @@ pub async fn run(shared: Arc<Shared>) {
         let next = Instant::now() + interval;
         let held = shared.lease.get();
         if let Some(deadline) = held.deadline {
+            if held.arbiter && Instant::now() < deadline {
+                // Extended by the agent loop (see `arbiter_hold`); nothing to renew.
+                tokio::time::sleep_until(next.min(deadline).into()).await;
+                continue;
+            }
             if Instant::now() >= deadline {
                 // The VIP goes first; netlink answers in well under a millisecond, and the
                 // stop does not wait longer than this for it.

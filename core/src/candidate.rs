@@ -22,6 +22,10 @@ pub struct Candidate {
     pub failover_priority: u32,
     /// The last WAL position the replica received (flushed).
     pub received_lsn: Option<Lsn>,
+    /// PostgreSQL runs as a writable primary there (possible without a committed lease only
+    /// on the two-node fencing arbiter, see `elect::arbiter`).
+    #[serde(default)]
+    pub writable_primary: bool,
 }
 
 /// The cluster-wide inputs of the choice.
@@ -154,6 +158,7 @@ mod tests {
 
     fn c(name: &str, prio: u32, lsn: u64) -> Candidate {
         Candidate {
+            writable_primary: false,
             name: name.into(),
             healthy: true,
             witness: false,

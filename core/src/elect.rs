@@ -29,6 +29,9 @@ pub struct Inputs<'a> {
     pub pg_down_ms: Option<u64>,
     /// Some other member already has a PostgreSQL cluster (so this one must not initdb).
     pub peer_has_cluster: bool,
+    /// This member runs its primary under a lease of the two-node fencing arbiter (not yet
+    /// committed in the group).
+    pub arbiter_holding: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,10 +150,143 @@ pub fn next_move(i: &Inputs) -> Move {
             ));
         }
     }
+    // A primary promoted on the fencing arbiter takes the lease in the group as soon as the
+    // group can commit again; while it runs, nobody else takes it (it has the newest writes).
+    if st.lease.is_some() {
+        if i.arbiter_holding && i.local_primary_running {
+            return Move::Acquire {
+                reason: "the primary promoted on the fencing arbiter takes the lease in the \
+                         group again"
+                    .into(),
+            };
+        }
+        if let Some(w) = i
+            .candidates
+            .iter()
+            .find(|c| c.name != i.me && c.writable_primary)
+        {
+            return Move::Wait(format!(
+                "{} runs a writable primary (promoted on the fencing arbiter): it takes the lease",
+                w.name
+            ));
+        }
+    }
     if st.paused {
         return Move::Wait("maintenance mode: no automatic failover".into());
     }
     elect(i)
+}
+
+/// What a member of a two-node cluster without a witness knows when its peer is gone.
+#[derive(Clone, Debug)]
+pub struct ArbiterInputs<'a> {
+    pub me: &'a str,
+    pub peer: &'a str,
+    pub state: &'a ClusterState,
+    pub now_ms: u64,
+    /// `aws.fencing` is configured (not `none`).
+    pub fencing: bool,
+    /// The peer's agent answered at the last poll.
+    pub peer_answering: bool,
+    /// This member as a candidate (its PostgreSQL, lag, tags).
+    pub me_candidate: Option<&'a Candidate>,
+    /// The peer's instance was seen stopped after the lease on record ran out.
+    pub peer_fenced: bool,
+    /// The epoch this member holds on the arbiter now, if it does.
+    pub arbiter_epoch: Option<u64>,
+}
+
+/// The two-node fencing arbiter's decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArbiterMove {
+    /// The group works (or this is not a two-node cluster without a witness).
+    NotNeeded,
+    Wait(String),
+    /// Stop the peer's instance and wait until it is stopped.
+    Fence {
+        peer: String,
+    },
+    /// The peer is stopped: hold the primary's lease locally (epoch on record + 1) and
+    /// promote; commit it in the group once the peer is back.
+    Hold {
+        epoch: u64,
+    },
+}
+
+/// How long a member that did not hold the last lease waits, after that lease is free, before
+/// it fences: the last primary fences first (it has the newest writes), so that when each of
+/// two partitioned nodes can still reach the EC2 API they do not stop each other.
+pub fn arbiter_fencing_delay_ms(state: &ClusterState) -> u64 {
+    2 * state.config.failover.ttl_ms()
+}
+
+/// With two members and no witness nothing commits once one is gone, so no lease can be
+/// taken. With fencing configured the survivor may still take over, but only after it has
+/// stopped the other instance and seen it stopped (EC2 is the third party): then the other
+/// cannot write, and it cannot take the lease back without this member's vote either.
+pub fn arbiter(i: &ArbiterInputs) -> ArbiterMove {
+    let st = i.state;
+    if let Some(epoch) = i.arbiter_epoch {
+        // Held until the group commits a newer lease (this member's acquisition, once the
+        // peer is back), also while the peer answers but the commit is still on its way.
+        let committed = st.lease.as_ref().map_or(0, |l| l.epoch);
+        return if committed < epoch {
+            ArbiterMove::Hold { epoch }
+        } else {
+            ArbiterMove::NotNeeded
+        };
+    }
+    if i.peer_answering {
+        return ArbiterMove::NotNeeded;
+    }
+    if !i.fencing {
+        return ArbiterMove::Wait(format!(
+            "no majority: {} does not answer and a two-node cluster cannot commit without \
+             it; configure a witness or EC2 fencing (aws.fencing) to fail over",
+            i.peer
+        ));
+    }
+    let Some(l) = &st.lease else {
+        return ArbiterMove::Wait("no lease was ever granted: nothing to take over".into());
+    };
+    let drift = st.config.failover.drift_ms();
+    if !st.acquirable(i.now_ms, drift) {
+        return ArbiterMove::Wait(format!(
+            "the lease of {} (epoch {}) has not run out yet",
+            l.holder, l.epoch
+        ));
+    }
+    if st.paused {
+        return ArbiterMove::Wait("maintenance mode: no automatic failover".into());
+    }
+    let Some(me) = i.me_candidate else {
+        return ArbiterMove::Wait("this member is not a candidate".into());
+    };
+    // The last holder's own PostgreSQL stopped at the end of its lease; it is the best
+    // candidate by definition (nobody has newer writes).
+    if l.holder != i.me {
+        if let Verdict::Ineligible(why) = verdict(me, &rules(st)) {
+            return ArbiterMove::Wait(format!("not taking over with the fencing arbiter: {why}"));
+        }
+    }
+    if i.peer_fenced {
+        return ArbiterMove::Hold { epoch: l.epoch + 1 };
+    }
+    let free_since = if l.released {
+        0
+    } else {
+        l.expires_at_ms + drift
+    };
+    let after = free_since + arbiter_fencing_delay_ms(st);
+    if l.holder != i.me && i.now_ms < after {
+        return ArbiterMove::Wait(format!(
+            "{} held the last lease: it may fence first, this member fences {} at {} ms",
+            l.holder, i.peer, after
+        ));
+    }
+    ArbiterMove::Fence {
+        peer: i.peer.to_string(),
+    }
 }
 
 /// The lease is free: take it when this member is the best candidate.
@@ -314,6 +450,7 @@ mod tests {
 
     fn cand(name: &str, lsn: u64) -> Candidate {
         Candidate {
+            writable_primary: false,
             name: name.into(),
             healthy: true,
             witness: false,
@@ -349,7 +486,94 @@ mod tests {
             local_primary_running: false,
             pg_down_ms: None,
             peer_has_cluster: true,
+            arbiter_holding: false,
         }
+    }
+
+    fn arb<'a>(me: &'a str, st: &'a ClusterState, now: u64, c: &'a Candidate) -> ArbiterInputs<'a> {
+        ArbiterInputs {
+            me,
+            peer: if me == "a" { "b" } else { "a" },
+            state: st,
+            now_ms: now,
+            fencing: true,
+            peer_answering: false,
+            me_candidate: Some(c),
+            peer_fenced: false,
+            arbiter_epoch: None,
+        }
+    }
+
+    #[test]
+    fn the_two_node_arbiter_fences_then_holds() {
+        // "a" held epoch 3 until 10 000; drift 500; ttl 3000 → delay 6000.
+        let st = held("a", 10_000);
+        let b = cand("b", 1000);
+        let mut i = arb("b", &st, 9_000, &b);
+        i.peer_answering = true;
+        assert_eq!(arbiter(&i), ArbiterMove::NotNeeded);
+        i.peer_answering = false;
+        i.fencing = false;
+        assert!(
+            matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("witness or EC2 fencing"))
+        );
+        i.fencing = true;
+        assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("not run out")));
+        // Free at 10 500; the last holder gets until 16 500 to fence first.
+        i.now_ms = 11_000;
+        assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("fence first")));
+        i.now_ms = 16_500;
+        assert_eq!(arbiter(&i), ArbiterMove::Fence { peer: "a".into() });
+        i.peer_fenced = true;
+        assert_eq!(arbiter(&i), ArbiterMove::Hold { epoch: 4 });
+        // Held also once the peer answers again, until a newer lease is committed.
+        i.arbiter_epoch = Some(4);
+        i.peer_answering = true;
+        assert_eq!(arbiter(&i), ArbiterMove::Hold { epoch: 4 });
+        let mut taken = held("b", 30_000);
+        taken.lease.as_mut().unwrap().epoch = 4;
+        i.state = &taken;
+        assert_eq!(arbiter(&i), ArbiterMove::NotNeeded);
+        // The last holder fences at once.
+        let a = cand("a", 1000);
+        let j = arb("a", &st, 11_000, &a);
+        assert_eq!(arbiter(&j), ArbiterMove::Fence { peer: "b".into() });
+    }
+
+    #[test]
+    fn the_arbiter_keeps_the_failover_rules() {
+        let st = held("a", 10_000);
+        let mut b = cand("b", 1000);
+        b.healthy = false;
+        let i = arb("b", &st, 20_000, &b);
+        assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("not taking over")));
+        let far = cand("b", 1);
+        let mut st2 = held("a", 10_000);
+        st2.lease.as_mut().unwrap().last_lsn = Some(Lsn(10 << 20));
+        let i = arb("b", &st2, 20_000, &far);
+        assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("maximum_lag")));
+        let mut paused = held("a", 10_000);
+        paused.paused = true;
+        let b = cand("b", 1000);
+        let i = arb("b", &paused, 20_000, &b);
+        assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("maintenance")));
+    }
+
+    #[test]
+    fn an_arbiter_primary_takes_the_lease_back_and_nobody_else_does() {
+        let st = held("a", 10_000);
+        let mut b = cand("b", 1000);
+        b.writable_primary = true;
+        b.healthy = false;
+        let a = cand("a", 900);
+        let c = [a, b];
+        let mut i = inputs("b", &st, 20_000, &c);
+        i.local_primary_running = true;
+        i.arbiter_holding = true;
+        assert!(matches!(next_move(&i), Move::Acquire { reason } if reason.contains("arbiter")));
+        // The returning peer sees it and waits instead of taking the lease with older data.
+        let i = inputs("a", &st, 20_000, &c);
+        assert!(matches!(next_move(&i), Move::Wait(w) if w.contains("b runs a writable primary")));
     }
 
     #[test]

@@ -503,3 +503,82 @@ async fn ec2_throttling_is_retried_and_a_denied_action_is_named() {
         .await;
     wait_ec2_on(&t, "n1", Duration::from_secs(30)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_with_ec2_fencing_fail_over_after_the_peer_is_seen_stopped() {
+    let mut s = spec(39, 2);
+    s.ec2 = true;
+    s.fencing = "stop".into();
+    let mut t = TestLab::up(s).await;
+    let e = t.lab.ec2.clone().unwrap();
+    let vip_ip = t
+        .lab
+        .vip
+        .as_deref()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    wait_ec2_on(&t, "n1", Duration::from_secs(20)).await;
+    t.exec("n1", "CREATE TABLE arb (x int)").await.unwrap();
+    // Both members reported their instances to the group before one is lost.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t
+        .status("n2")
+        .await
+        .and_then(|s| s.endpoints)
+        .is_none_or(|ep| !ep.ready)
+    {
+        assert!(Instant::now() < deadline, "n2 never ready to take over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // n1's host dies; its instance still looks `running` to EC2. Nothing can be committed
+    // with one of two voters: n2 stops n1's instance, sees it stopped, and only then promotes.
+    t.lab.fault(Fault::StopNode, "n1").unwrap();
+    let t0 = Instant::now();
+    let p = t.wait_new_primary("n1", Duration::from_secs(60)).await;
+    assert_eq!(p, "n2");
+    eprintln!(
+        "two-node fencing arbiter: n2 writable {} ms after n1 stopped",
+        t0.elapsed().as_millis()
+    );
+    let st = fixture(&t, "/fixture/state", None).await;
+    let n1_instance = e.instance_id("n1").unwrap();
+    assert_eq!(st["instances"][&n1_instance]["state"], "stopped", "{st}");
+    let kinds = t.event_kinds("n2");
+    let pos = |k: &str| kinds.iter().position(|x| x == k);
+    let (fenced, held, promoted) = (pos("fenced"), pos("lease_arbiter"), pos("promoted"));
+    assert!(
+        fenced.is_some() && fenced < held && held < promoted,
+        "fenced, then held on the arbiter, then promoted: {kinds:?}"
+    );
+    wait_ec2_on(&t, "n2", Duration::from_secs(20)).await;
+    wait_holders(&t, &vip_ip, &["n2"], Duration::from_secs(10)).await;
+    t.exec("n2", "INSERT INTO arb VALUES (42)").await.unwrap();
+
+    // n1 is started again: it does not take the lease with its older data; n2 commits its
+    // lease in the group and n1 follows it, with n2's writes.
+    fixture(
+        &t,
+        &format!("/fixture/instances/{n1_instance}/state"),
+        Some(json!({"state": "running"})),
+    )
+    .await;
+    t.lab.fault(Fault::StartNode, "n1").unwrap();
+    t.wait_streaming_from("n2", Duration::from_secs(120)).await;
+    assert_eq!(t.primaries().await, vec!["n2".to_string()]);
+    t.wait_count("n1", "SELECT count(*) FROM arb WHERE x = 42", 1)
+        .await;
+    let history: pgwarden_core::record::History =
+        serde_json::from_value(t.api_get("n2", "/v1/history").await).unwrap();
+    let rec = history.failovers.last().unwrap();
+    assert_eq!(rec.new_holder, "n2");
+    assert!(
+        rec.steps
+            .iter()
+            .any(|s| s.step == "fenced" && s.detail.contains("arbiter")),
+        "{rec:?}"
+    );
+}
