@@ -12,13 +12,17 @@ bin="$CARGO_TARGET_DIR/release"
 if [ -f /var/tmp/pgwarden-lab/lab/lab.json ]; then
     "$bin/pgwarden-lab" down || true
 fi
-"$bin/pgwarden-lab" up --nodes "${NODES:-3}" | tee /var/tmp/pgwarden-demo.json
+vip=()
+# The VIP needs network namespaces (root); without root the lab runs on loopback ports.
+[ "$(id -u)" -eq 0 ] && vip=(--vip 10.77.0.100/24)
+"$bin/pgwarden-lab" up --nodes "${NODES:-3}" "${vip[@]}" | tee /var/tmp/pgwarden-demo.json
 cat <<MSG
 
 The demo cluster is up. Try:
   export PATH=$bin:\$PATH
   pgwarden-lab status                          # roles, timelines, lag
   pgwarden-lab exec n1 -- psql -c 'select 1'   # psql inside host n1
+  pgwarden-lab exec client -- psql -c 'select inet_server_addr()'   # through the VIP
   PGWARDEN_TOKEN=<token> pgwardenctl --ca /var/tmp/pgwarden-lab/lab/ca/ca.pem --agent https://<node host>:8443 list
   pgwarden-probe --seconds 10                  # write gap, lost writes, split brain
   curl -s -o /dev/null -w '%{http_code}\n' http://<node host>:8008/primary

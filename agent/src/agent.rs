@@ -716,7 +716,7 @@ impl Agent {
         let mut mv = pgwarden_core::elect::next_move(&inputs);
         self.lease_wait = None;
         if self.shared.lease.arbiter() {
-            self.arbiter_step().await;
+            Box::pin(self.arbiter_step()).await;
         }
         // Two members, one gone: nothing can commit, so do not block the loop proposing (the
         // arbiter below decides, and its lease must be extended at every loop).
@@ -802,7 +802,7 @@ impl Agent {
                 self.last_lease_error = Some(msg);
             }
         }
-        self.arbiter_step().await;
+        Box::pin(self.arbiter_step()).await;
         let st = self.shared.consensus.sm.state();
         self.intent = pgwarden_core::elect::intent(
             &self.cfg.node.name,
@@ -1042,7 +1042,7 @@ impl Agent {
         let action = next_action(&self.intent, &obs, self.pending);
         // A node that does not hold the lease drops the endpoints before anything else.
         if self.shared.lease.holding().is_none() {
-            self.endpoints.reconcile(false, None).await;
+            Box::pin(self.endpoints.reconcile(false, None)).await;
         }
         let waiting = match &action {
             Action::Wait(w) => Some(w.clone()),
@@ -1100,7 +1100,7 @@ impl Agent {
         let hold =
             epoch.is_some() && (self.promoted_now || self.shared.status().is_writable_primary());
         self.promoted_now = false;
-        self.endpoints.reconcile(hold, epoch).await;
+        Box::pin(self.endpoints.reconcile(hold, epoch)).await;
         let endpoints = self.endpoints.status().await;
         self.shared.update(|s| {
             s.last_loop_ms = now_ms();
@@ -1548,7 +1548,7 @@ impl Agent {
             Action::Promote => {
                 let epoch = self.require_lease("promote")?;
                 // An old primary that did not step down is fenced first (when configured).
-                self.endpoints.fence_before_promote(epoch).await?;
+                Box::pin(self.endpoints.fence_before_promote(epoch)).await?;
                 let epoch = self.require_lease("promote")?;
                 // In synchronous mode the new primary waits for the committed set (or, strict
                 // with none, for any standby) from its first write on.

@@ -1011,6 +1011,68 @@ shared_buffers = "128MB"
     }
 
     #[test]
+    fn endpoint_sections_are_validated_with_the_key_and_line() {
+        let ok = format!(
+            "{GOOD}\n[vip]\naddress = \"10.0.0.100/24\"\nlabel = \"eth0:pg\"\n\n[aws]\nsecondary_ip = \"10.0.0.100\"\nfencing = \"stop\"\n"
+        );
+        let cfg = parse(&ok).unwrap();
+        assert_eq!(cfg.vip.as_ref().unwrap().interface, "eth0");
+        assert_eq!(cfg.aws.as_ref().unwrap().fencing, Fencing::Stop);
+        let cases = [
+            ("[vip]\naddress = \"10.0.0.100\"\n", "vip.address", "prefix"),
+            (
+                "[vip]\naddress = \"10.0.0.100/24\"\nlabel = \"pg\"\n",
+                "vip.label",
+                "eth0:",
+            ),
+            (
+                "[aws]\nsecondary_ip = \"10.0.0\"\n",
+                "aws.secondary_ip",
+                "IPv4",
+            ),
+            (
+                "[aws]\noverlay_ip = \"192.168.1.1\"\n",
+                "aws.route_tables",
+                "overlay_ip",
+            ),
+            (
+                "[aws]\nroute_tables = [\"rtb-1\"]\n",
+                "aws.overlay_ip",
+                "route_tables",
+            ),
+            (
+                "[aws]\nelastic_ip_allocation_id = \"eip-1\"\n",
+                "aws.elastic_ip_allocation_id",
+                "eipalloc-",
+            ),
+            (
+                "[aws]\nendpoint_url = \"localhost:5000\"\n",
+                "aws.endpoint_url",
+                "URL",
+            ),
+            (
+                "[aws]\npermission_check_interval = \"1s\"\n",
+                "aws.permission_check_interval",
+                "10s",
+            ),
+        ];
+        for (extra, key, why) in cases {
+            let text = format!("{GOOD}\n{extra}");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}");
+            assert!(e.message.contains(why), "{extra}: {e}");
+            let line = text
+                .lines()
+                .position(|l| l.starts_with(key.rsplit('.').next().unwrap()));
+            assert_eq!(e.line, line.map(|l| l + 1), "{extra}: {e}");
+        }
+        let e = parse(&format!("{GOOD}\n[aws]\nfencing = \"kill\"\n")).unwrap_err();
+        assert!(e.to_string().contains("fencing"), "{e}");
+        let e = parse(&format!("{GOOD}\n[vip]\naddres = \"10.0.0.1/24\"\n")).unwrap_err();
+        assert!(e.to_string().contains("addres"), "{e}");
+    }
+
+    #[test]
     fn good_config_parses_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.node.loop_wait, ConfDuration::millis(500));
