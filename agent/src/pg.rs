@@ -722,8 +722,12 @@ impl Pg {
             .context("look up replication role")?
             .is_some();
         let verb = if exists { "ALTER" } else { "CREATE" };
+        // Never wait for a synchronous standby here: right after a promotion in synchronous
+        // mode none may be connected yet, and the promotion must not hang on this commit
+        // (the role exists everywhere already; a lost password change is redone next time).
         c.batch_execute(&format!(
-            "{verb} ROLE \"{user}\" WITH REPLICATION LOGIN PASSWORD '{pw}'"
+            "BEGIN; SET LOCAL synchronous_commit TO local; \
+             {verb} ROLE \"{user}\" WITH REPLICATION LOGIN PASSWORD '{pw}'; COMMIT"
         ))
         .await
         .context("create replication role")?;

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 /// the tests (`t<id>`, 10.77.100+.0/24).
 pub const LAB_NAME: &str = "bench";
 pub const LAB_SUBNET: &str = "10.77.90.0/24";
+/// The VIP of `--vip` runs.
+pub const LAB_VIP: &str = "10.77.90.100/24";
 
 pub fn spec() -> LabSpec {
     let mut s = LabSpec::new(LAB_NAME);
@@ -306,19 +308,31 @@ impl BenchLab {
             .join("; ")
     }
 
-    /// Starts the write probe on every node of the lab.
-    pub fn start_probe(&self, interval: Duration) -> Result<Probe> {
-        let targets = self
-            .lab
-            .nodes
-            .iter()
-            .map(|n| Ok((n.name.clone(), self.lab.dsn(&n.name)?)))
-            .collect::<Result<Vec<_>>>()?;
+    /// Starts the write probe on every node of the lab, or (`vip`) only through the VIP,
+    /// naming the server that answered each write. The root namespace is on the lab's bridge,
+    /// so it reaches the VIP like any client of that subnet (gratuitous ARP included).
+    pub fn start_probe(&self, interval: Duration, vip: bool) -> Result<Probe> {
+        let targets = if vip {
+            let ip = LAB_VIP.split('/').next().unwrap_or_default();
+            vec![(
+                "vip".to_string(),
+                format!(
+                    "postgresql://postgres:{}@{ip}:5432/postgres",
+                    self.lab.superuser_password
+                ),
+            )]
+        } else {
+            self.lab
+                .nodes
+                .iter()
+                .map(|n| Ok((n.name.clone(), self.lab.dsn(&n.name)?)))
+                .collect::<Result<Vec<_>>>()?
+        };
         let cfg = ProbeConfig {
             targets,
             interval,
             write_timeout: Duration::from_secs(1),
-            identify: false,
+            identify: vip,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(pgwarden_lab::probe::run(cfg, async move {

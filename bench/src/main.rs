@@ -39,6 +39,9 @@ struct Cli {
     /// cluster settling) before the run counts as failed.
     #[arg(long, default_value_t = 60)]
     timeout_secs: u64,
+    /// Give the lab a VIP (10.77.90.100) and write only through it.
+    #[arg(long)]
+    vip: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -85,6 +88,7 @@ async fn main() -> Result<()> {
         interval: Duration::from_millis(cli.interval_ms),
         timeout: Duration::from_secs(cli.timeout_secs),
         config_patch,
+        vip: cli.vip,
     };
     let settings = report::Settings {
         runs: cli.runs,
@@ -98,6 +102,7 @@ async fn main() -> Result<()> {
         lab: format!("{} {}", harness::LAB_NAME, harness::LAB_SUBNET),
         agent_bin: agent_bin.display().to_string(),
         config_patch: opts.config_patch.clone(),
+        vip: opts.vip,
         cpus: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),

@@ -17,6 +17,8 @@ pub struct Settings {
     pub lab: String,
     pub agent_bin: String,
     pub config_patch: Option<serde_json::Value>,
+    /// Writes went only through the VIP.
+    pub vip: bool,
     pub cpus: usize,
     pub started_unix: u64,
 }

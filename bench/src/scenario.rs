@@ -76,6 +76,8 @@ pub struct Options {
     pub interval: Duration,
     pub timeout: Duration,
     pub config_patch: Option<serde_json::Value>,
+    /// Give the lab a VIP and write only through it (what a client of the VIP sees).
+    pub vip: bool,
 }
 
 /// What one run measured. Times are in milliseconds from the fault.
@@ -118,7 +120,11 @@ pub async fn run_once(scn: Scenario, run: usize, opts: &Options) -> RunResult {
         expected_primary_change: scn.expects_new_primary(),
         ..Default::default()
     };
-    let (mut lab, primary) = match BenchLab::up(harness::spec(), LAB_UP_TIMEOUT).await {
+    let mut spec = harness::spec();
+    if opts.vip {
+        spec.vip = Some(harness::LAB_VIP.into());
+    }
+    let (mut lab, primary) = match BenchLab::up(spec, LAB_UP_TIMEOUT).await {
         Ok(x) => x,
         Err(e) => {
             r.error = Some(format!("lab up: {e:#}"));
@@ -156,7 +162,7 @@ async fn body(
     if let Some(patch) = &opts.config_patch {
         lab.patch_config(old, patch).await?;
     }
-    let probe = lab.start_probe(opts.interval)?;
+    let probe = lab.start_probe(opts.interval, opts.vip)?;
     tokio::time::sleep(WARMUP).await;
 
     let outcome = fault_and_recover(lab, scn, old, opts, r).await;

@@ -133,7 +133,38 @@ pub fn render(view: &ClusterView) -> String {
             _ => format!(" Failover ready: NO: {}", r.reasons.join("; ")),
         });
     }
+    out.extend(endpoint_lines(view));
     out.join("\n") + "\n"
+}
+
+/// Who carries the client endpoints, and the members that could not take them over now.
+fn endpoint_lines(view: &ClusterView) -> Vec<String> {
+    let mut out = Vec::new();
+    for m in &view.members {
+        let Some(ep) = m.status.as_ref().and_then(|s| s.endpoints.as_ref()) else {
+            continue;
+        };
+        if !ep.held.is_empty() {
+            let zone = ep
+                .placement
+                .as_ref()
+                .map(|p| format!(" [{} {}]", p.instance_id, p.availability_zone))
+                .unwrap_or_default();
+            out.push(format!(
+                " Endpoints on {}{zone}: {}",
+                m.name,
+                ep.held.join(", ")
+            ));
+        }
+        if !ep.ready {
+            out.push(format!(
+                " Endpoints NOT ready on {}: {}",
+                m.name,
+                ep.problems.join("; ")
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -227,6 +258,7 @@ mod tests {
             ["n3", "10.0.0.3:5432", "", "unreachable", "", ""]
         );
         assert_eq!(lines[7], " Maintenance mode: on");
+        assert!(!t.contains("Endpoints"), "{t}");
         assert_eq!(
             lines[8],
             " Failover ready: NO: no eligible candidate (n2: tagged nofailover)"
@@ -234,5 +266,51 @@ mod tests {
         // Every line of the table has the same width.
         let width = lines[0].len();
         assert!(lines[..7].iter().all(|l| l.chars().count() == width), "{t}");
+    }
+
+    #[test]
+    fn the_endpoint_holder_and_unready_members_are_listed() {
+        use pgwarden_core::endpoints::EndpointStatus;
+        let mut view = ClusterView {
+            cluster: "main".into(),
+            reported_by: "n1".into(),
+            members: vec![],
+        };
+        for (name, held, ready) in [("n1", true, true), ("n2", false, false)] {
+            let st = NodeStatus {
+                name: name.into(),
+                endpoints: Some(EndpointStatus {
+                    held: if held {
+                        vec!["10.0.0.100/24 on eth0 (vip)".into()]
+                    } else {
+                        vec![]
+                    },
+                    ready,
+                    problems: if ready {
+                        vec![]
+                    } else {
+                        vec!["ec2:AssociateAddress is not permitted".into()]
+                    },
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            view.members.push(pgwarden_core::api::MemberView {
+                name: name.into(),
+                host: "10.0.0.1".into(),
+                pg_port: 5432,
+                api_port: 8443,
+                status: Some(st),
+            });
+        }
+        let t = render(&view);
+        assert!(
+            t.contains(" Endpoints on n1: 10.0.0.100/24 on eth0 (vip)\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(" Endpoints NOT ready on n2: ec2:AssociateAddress is not permitted\n"),
+            "{t}"
+        );
     }
 }

@@ -498,11 +498,15 @@ impl Lab {
                 })
             })
             .collect();
+        // The emulated VPC and subnet are the lower half of the lab's /24 (the nodes, the
+        // VIP); the overlay address is in the upper half: outside the VPC as AWS requires, and
+        // still inside the lab's subnet, so nothing could route it off the machine.
+        let vpc = format!("{}/25", subnet.addr(0));
         let world = serde_json::json!({
             "region": "us-east-1",
             "availability_zone": "us-east-1a",
-            "vpc_cidr": subnet.cidr(),
-            "subnet_cidr": subnet.cidr(),
+            "vpc_cidr": vpc,
+            "subnet_cidr": vpc,
             "nodes": nodes,
             "elastic_ip": true,
             "route_table": true,
@@ -545,12 +549,10 @@ impl Lab {
             let mut c = child;
             let _ = c.wait();
         });
-        // The overlay address: inside the lab range, outside the emulated VPC (the subnet).
-        let third = subnet.addr(1).split('.').nth(2).unwrap_or("0").to_string();
         self.ec2 = Some(LabEc2 {
             pid,
             endpoint: format!("http://{gw}:5000"),
-            overlay_ip: format!("10.77.255.{third}"),
+            overlay_ip: subnet.addr(250),
             world: serde_json::Value::Null,
         });
         self.save()?;

@@ -164,10 +164,10 @@ impl TestLab {
             if p.len() == 1 && p[0] != old {
                 return p[0].clone();
             }
-            assert!(
-                Instant::now() < deadline,
-                "no new primary other than {old} within {timeout:?} (primaries now: {p:?})"
-            );
+            if Instant::now() >= deadline {
+                self.dump_state().await;
+                panic!("no new primary other than {old} within {timeout:?} (primaries now: {p:?})");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -337,6 +337,24 @@ impl TestLab {
             let _ = rx.await;
         }));
         (tx, task)
+    }
+
+    /// Prints every node's status summary and its last events: what a failed wait needs to
+    /// be understood after the lab is gone.
+    pub async fn dump_state(&self) {
+        for n in &self.lab.nodes {
+            match self.status(&n.name).await {
+                Some(s) => eprintln!(
+                    "{}: {:?}/{:?} tl={:?} waiting_for={:?} last_error={:?} consensus={:?}",
+                    n.name, s.role, s.state, s.timeline, s.waiting_for, s.last_error, s.consensus
+                ),
+                None => eprintln!("{}: agent not answering", n.name),
+            }
+            let ev = self.events(&n.name);
+            for e in ev.iter().skip(ev.len().saturating_sub(12)) {
+                eprintln!("  {} {} {}", e["ts_ms"], e["kind"], e["message"]);
+            }
+        }
     }
 
     /// The kinds of the events a node's agent recorded, oldest first.

@@ -273,8 +273,21 @@ async fn ec2_endpoints_follow_the_primary_and_a_partitioned_primary_is_fenced_fi
         .next()
         .unwrap()
         .to_string();
+    // `pgwarden-lab up --ec2` describes the emulated world.
+    let d = t.lab.describe(false).await;
+    assert_eq!(d["ec2"]["endpoint"], "http://10.77.137.1:5000", "{d}");
+    assert_eq!(
+        d["ec2"]["nodes"]["n2"]["instance_id"].as_str(),
+        e.instance_id("n2").as_deref()
+    );
+    assert!(d["ec2"]["nodes"]["n2"]["eni_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("eni-"));
+    assert_eq!(e.overlay_ip, "10.77.137.250");
     wait_ec2_on(&t, "n1", Duration::from_secs(20)).await;
     wait_holders(&t, &vip_ip, &["n1"], Duration::from_secs(10)).await;
+    wait_holders(&t, &e.overlay_ip, &["n1"], Duration::from_secs(10)).await;
     // Every node found itself through its metadata responder and may take over.
     for n in ["n1", "n2", "n3"] {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -332,8 +345,15 @@ async fn ec2_endpoints_follow_the_primary_and_a_partitioned_primary_is_fenced_fi
     // The primary is cut off without stepping down: the new primary fences it (the emulator
     // stops its instance, and the lab really stops that host) before it accepts a write.
     t.lab.fault(Fault::Partition, "n2").unwrap();
+    let t0 = Instant::now();
     let p = t.wait_new_primary("n2", Duration::from_secs(60)).await;
+    let writable = t0.elapsed();
     let st = wait_ec2_on(&t, &p, Duration::from_secs(20)).await;
+    eprintln!(
+        "fenced failover: {p} writable {} ms after n2 was cut off, EC2 endpoints on it after {} ms",
+        writable.as_millis(),
+        t0.elapsed().as_millis()
+    );
     let n2_instance = e.instance_id("n2").unwrap();
     assert_eq!(st["instances"][&n2_instance]["state"], "stopped", "{st}");
     let log = fixture(&t, "/fixture/calls", None).await;

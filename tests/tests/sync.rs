@@ -49,7 +49,12 @@ async fn synchronous_mode_loses_no_acknowledged_write_across_20_failovers() {
         let set = wait_sync(&t, &primary).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         t.lab.fault(Fault::StopNode, &primary).unwrap();
+        let t0 = std::time::Instant::now();
         let new = t.wait_new_primary(&primary, Duration::from_secs(30)).await;
+        eprintln!(
+            "round {round}: {primary} stopped, {new} primary after {} ms (set {set:?})",
+            t0.elapsed().as_millis()
+        );
         assert!(
             set.contains(&new),
             "round {round}: {new} was promoted but the synchronous set was {set:?}"
@@ -77,6 +82,58 @@ async fn synchronous_mode_loses_no_acknowledged_write_across_20_failovers() {
     assert_eq!(failovers, 20, "one record per failover");
     let last = history.failovers.last().unwrap();
     assert!(last.candidates.iter().any(|c| c.synchronous), "{last:?}");
+}
+
+/// A new synchronous primary with no standby left must still come up as the primary (and, in
+/// `on` mode, degrade and accept writes): nothing on the promotion path may wait for a
+/// synchronous standby. (The agent's role maintenance after a promotion once did, and the
+/// promotion then hung until a standby connected.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_primary_without_any_standby_is_promoted_and_degrades() {
+    let mut s = spec(40, 3);
+    s.agent_env = vec![("PGWARDEN_FAILPOINT_FILE".into(), "failpoints".into())];
+    let mut t = TestLab::up(s).await;
+    let (code, v) = t
+        .patch_config("n1", json!({"synchronous_mode": "on"}))
+        .await;
+    assert_eq!(code, 200, "{v}");
+    t.exec("n1", "CREATE TABLE t (id int)").await.unwrap();
+    // n3's PostgreSQL stays down (its agent votes on): n2 is the only standby.
+    let dir = t.lab.node("n3").unwrap().dir.clone();
+    std::fs::write(dir.join("failpoints"), "postgres_start\n").unwrap();
+    t.lab.fault(Fault::KillPostgres, "n3").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let set = t
+            .status("n1")
+            .await
+            .and_then(|s| s.consensus)
+            .map(|c| c.sync)
+            .unwrap_or_default();
+        if set == ["n2".to_string()] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "set {set:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The primary's host dies: n2, the synchronous standby, takes over with no standby left.
+    t.lab.fault(Fault::StopNode, "n1").unwrap();
+    let new = t.wait_new_primary("n1", Duration::from_secs(20)).await;
+    assert_eq!(new, "n2");
+    // `on` degrades to asynchronous: the write is acknowledged without a standby.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        t.exec("n2", "INSERT INTO t VALUES (1)"),
+    )
+    .await
+    .expect("on mode degraded: the write completes")
+    .unwrap();
+    let names = t.sql("n2", "SHOW synchronous_standby_names").await.unwrap();
+    assert_eq!(
+        names[0].get::<_, String>(0),
+        "",
+        "asynchronous without a standby"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
