@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::LinkAttribute;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -58,19 +58,26 @@ impl Netlink {
         })
     }
 
-    /// The prefix length `ip` has on interface `index`, if it is there.
-    pub async fn find(&self, index: u32, ip: Ipv4Addr) -> Result<Option<u8>> {
-        let mut s = self
-            .handle
+    /// The entries of `ip` on interface `index` (`ip addr show dev … to …`).
+    async fn entries(&self, index: u32, ip: Ipv4Addr) -> Result<Vec<AddressMessage>> {
+        self.handle
             .address()
             .get()
             .set_link_index_filter(index)
             .set_address_filter(IpAddr::V4(ip))
-            .execute();
-        match s.try_next().await.context("list addresses")? {
-            Some(m) => Ok(Some(m.header.prefix_len)),
-            None => Ok(None),
-        }
+            .execute()
+            .try_collect()
+            .await
+            .context("list addresses")
+    }
+
+    /// The prefix length `ip` has on interface `index`, if it is there.
+    pub async fn find(&self, index: u32, ip: Ipv4Addr) -> Result<Option<u8>> {
+        Ok(self
+            .entries(index, ip)
+            .await?
+            .first()
+            .map(|m| m.header.prefix_len))
     }
 
     /// Adds `ip/prefix` (with an optional label) to interface `index`. Returns false when it
@@ -100,19 +107,8 @@ impl Netlink {
 
     /// Removes `ip` from interface `index`. Returns false when it was not there.
     pub async fn remove(&self, index: u32, ip: Ipv4Addr) -> Result<bool> {
-        let mut found = Vec::new();
-        let mut s = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .set_address_filter(IpAddr::V4(ip))
-            .execute();
-        while let Some(m) = s.try_next().await.context("list addresses")? {
-            found.push(m);
-        }
         let mut removed = false;
-        for m in found {
+        for m in self.entries(index, ip).await? {
             match self.handle.address().del(m).execute().await {
                 Ok(()) => removed = true,
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL => {}

@@ -453,11 +453,7 @@ impl Lab {
             ));
         }
         if let Some(e) = &self.ec2 {
-            let vip_ip = self
-                .vip
-                .as_deref()
-                .and_then(|v| v.split('/').next())
-                .unwrap_or_default();
+            let vip_ip = self.vip_ip().unwrap_or_default();
             let imds = e
                 .node(&n.name)
                 .and_then(|x| x["imds"].as_str())
@@ -821,20 +817,10 @@ log_line_prefix = "%m [%p] %q%a "
                 }
                 None => Command::new(prog),
             };
-            cmd.args(args)
-                .env("PGUSER", "postgres")
-                .env("PGPASSWORD", &self.superuser_password)
-                .env("PGDATABASE", "postgres")
-                .env(
-                    "PATH",
-                    format!(
-                        "{}:{}",
-                        self.pg_bin.display(),
-                        std::env::var("PATH").unwrap_or_default()
-                    ),
-                );
-            if let Some(v) = &self.vip {
-                cmd.env("PGHOST", v.split('/').next().unwrap_or_default());
+            cmd.args(args);
+            self.client_env(&mut cmd);
+            if let Some(v) = self.vip_ip() {
+                cmd.env("PGHOST", v);
             }
             return Ok(cmd);
         }
@@ -856,8 +842,15 @@ log_line_prefix = "%m [%p] %q%a "
                     &n.host
                 },
             )
-            .env("PGPORT", n.pg_port.to_string())
-            .env("PGUSER", "postgres")
+            .env("PGPORT", n.pg_port.to_string());
+        self.client_env(&mut cmd);
+        Ok(cmd)
+    }
+
+    /// libpq's user, password and database for the lab's superuser, PostgreSQL's `bin` first on
+    /// `PATH`.
+    fn client_env(&self, cmd: &mut Command) {
+        cmd.env("PGUSER", "postgres")
             .env("PGPASSWORD", &self.superuser_password)
             .env("PGDATABASE", "postgres")
             .env(
@@ -868,7 +861,11 @@ log_line_prefix = "%m [%p] %q%a "
                     std::env::var("PATH").unwrap_or_default()
                 ),
             );
-        Ok(cmd)
+    }
+
+    /// The VIP's address without its prefix.
+    pub fn vip_ip(&self) -> Option<&str> {
+        self.vip.as_deref().and_then(|v| v.split('/').next())
     }
 
     /// Stops everything the lab started and removes everything it created.

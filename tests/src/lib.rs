@@ -138,12 +138,31 @@ impl TestLab {
 
     /// The members answering 200 on `/primary` right now.
     pub async fn primaries(&self) -> Vec<String> {
-        let mut out = Vec::new();
+        // All at once, with a short timeout: a stopped or partitioned host must not make one
+        // poll last seconds (that would blur the failover times the tests print).
+        let mut set = tokio::task::JoinSet::new();
         for n in &self.lab.nodes {
-            if self.check(&n.name, reqwest::Method::GET, "/primary").await == 200 {
-                out.push(n.name.clone());
-            }
+            let url = format!("{}/primary", self.lab.health_url(&n.name).expect("node"));
+            let (http, name) = (self.http.clone(), n.name.clone());
+            set.spawn(async move {
+                let code = http
+                    .get(url)
+                    .timeout(Duration::from_secs(1))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0);
+                (name, code == 200)
+            });
         }
+        let mut out: Vec<String> = set
+            .join_all()
+            .await
+            .into_iter()
+            .filter(|(_, p)| *p)
+            .map(|(n, _)| n)
+            .collect();
+        out.sort();
         out
     }
 

@@ -177,12 +177,30 @@ async fn a_client_reaches_the_primary_through_the_vip_across_switchover_stop_and
     assert!(o.status.success(), "{o:?}");
     assert!(holders(&t, vip_ip).is_empty());
     wait_holders(&t, vip_ip, &[q.as_str()], Duration::from_secs(3)).await;
-    let added = t
-        .events(&q)
-        .iter()
-        .filter(|e| e["kind"] == "address_added")
-        .count();
-    assert!(added >= 2, "the repair is an event: {added}");
+    // The event follows the gratuitous ARP announcements (3 × 100 ms).
+    let added = || {
+        t.events(&q)
+            .iter()
+            .filter(|e| e["kind"] == "address_added")
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while added() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the repair is an event: {}",
+            added()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A lab with the EC2 emulator and `fencing`.
+async fn ec2_lab(id: u8, nodes: usize, fencing: &str) -> TestLab {
+    let mut s = spec(id, nodes);
+    s.ec2 = true;
+    s.fencing = fencing.into();
+    TestLab::up(s).await
 }
 
 /// The emulator's control API.
@@ -202,15 +220,7 @@ async fn fixture(t: &TestLab, path: &str, body: Option<Value>) -> Value {
 async fn wait_ec2_on(t: &TestLab, node: &str, timeout: Duration) -> Value {
     let e = t.lab.ec2.clone().expect("ec2 lab");
     let eni = e.eni_id(node).unwrap();
-    let vip_ip = t
-        .lab
-        .vip
-        .as_deref()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let vip_ip = t.lab.vip_ip().unwrap().to_string();
     let deadline = Instant::now() + timeout;
     loop {
         let st = fixture(t, "/fixture/state", None).await;
@@ -259,20 +269,9 @@ fn calls(v: &Value, action: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ec2_endpoints_follow_the_primary_and_a_partitioned_primary_is_fenced_first() {
-    let mut s = spec(37, 3);
-    s.ec2 = true;
-    s.fencing = "stop".into();
-    let mut t = TestLab::up(s).await;
+    let mut t = ec2_lab(37, 3, "stop").await;
     let e = t.lab.ec2.clone().unwrap();
-    let vip_ip = t
-        .lab
-        .vip
-        .as_deref()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let vip_ip = t.lab.vip_ip().unwrap().to_string();
     // `pgwarden-lab up --ec2` describes the emulated world.
     let d = t.lab.describe(false).await;
     assert_eq!(d["ec2"]["endpoint"], "http://10.77.137.1:5000", "{d}");
@@ -406,10 +405,7 @@ async fn ec2_endpoints_follow_the_primary_and_a_partitioned_primary_is_fenced_fi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ec2_throttling_is_retried_and_a_denied_action_is_named() {
-    let mut s = spec(38, 3);
-    s.ec2 = true;
-    s.fencing = "none".into();
-    let mut t = TestLab::up(s).await;
+    let mut t = ec2_lab(38, 3, "none").await;
     wait_ec2_on(&t, "n1", Duration::from_secs(20)).await;
     t.wait_streaming_from("n1", Duration::from_secs(60)).await;
     // The next assignments are throttled; the Elastic IP may not be moved at all.
@@ -429,15 +425,7 @@ async fn ec2_throttling_is_retried_and_a_denied_action_is_named() {
         .await;
     let e = t.lab.ec2.clone().unwrap();
     let eni3 = e.eni_id("n3").unwrap();
-    let vip_ip = t
-        .lab
-        .vip
-        .as_deref()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let vip_ip = t.lab.vip_ip().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let st = fixture(&t, "/fixture/state", None).await;
@@ -526,20 +514,9 @@ async fn ec2_throttling_is_retried_and_a_denied_action_is_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_with_ec2_fencing_fail_over_after_the_peer_is_seen_stopped() {
-    let mut s = spec(39, 2);
-    s.ec2 = true;
-    s.fencing = "stop".into();
-    let mut t = TestLab::up(s).await;
+    let mut t = ec2_lab(39, 2, "stop").await;
     let e = t.lab.ec2.clone().unwrap();
-    let vip_ip = t
-        .lab
-        .vip
-        .as_deref()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let vip_ip = t.lab.vip_ip().unwrap().to_string();
     wait_ec2_on(&t, "n1", Duration::from_secs(20)).await;
     t.exec("n1", "CREATE TABLE arb (x int)").await.unwrap();
     // Both members reported their instances to the group before one is lost.
