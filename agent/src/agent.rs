@@ -174,6 +174,9 @@ pub struct Agent {
     not_streaming_since: Option<Instant>,
     /// Whether each peer's agent answered at the last poll (None before the first).
     peer_reachable: Vec<Option<bool>>,
+    /// Since when each peer has not answered, counted only after it answered once since this
+    /// agent started (the two-node arbiter fences only a peer it saw alive and then lost).
+    peer_lost_since: Vec<Option<Instant>>,
     /// Since when PostgreSQL has not been running (with a usable data directory).
     pg_down_since: Option<Instant>,
     /// A switchover to run at a wall-clock time (ms), to a candidate or the best replica.
@@ -209,6 +212,7 @@ impl Agent {
         let peers: Vec<(Member, Option<NodeStatus>)> =
             cfg.peers().map(|m| (m.clone(), None)).collect();
         let peer_reachable = vec![None; peers.len()];
+        let peer_lost_since = vec![None; peers.len()];
         let agent = Agent {
             shared: shared.clone(),
             cfg,
@@ -224,6 +228,7 @@ impl Agent {
             note: None,
             not_streaming_since: None,
             peer_reachable,
+            peer_lost_since,
             pg_down_since: None,
             scheduled: None,
             lease_wait: None,
@@ -468,6 +473,7 @@ impl Agent {
             Duration::from_millis(500),
         )
         .await;
+        self.endpoints.step_down();
         self.set_state(PgState::Stopping);
         let clean = self
             .pg
@@ -867,6 +873,15 @@ impl Agent {
                 .lease
                 .holding()
                 .filter(|_| self.shared.lease.arbiter()),
+            peer_gone_ms: self
+                .peers
+                .iter()
+                .position(|(m, _)| m.name == peer)
+                .and_then(|i| self.peer_lost_since[i])
+                .map(|t| t.elapsed().as_millis() as u64),
+            held_here: st.lease.as_ref().is_some_and(|l| {
+                l.holder == self.cfg.node.name && self.shared.lease.held_since_start(l.epoch)
+            }),
         };
         use pgwarden_core::elect::ArbiterMove;
         match pgwarden_core::elect::arbiter(&inputs) {
@@ -1117,6 +1132,11 @@ impl Agent {
         }
         while let Some(Ok((i, st))) = set.join_next().await {
             let (was, now) = (self.peer_reachable[i], st.is_some());
+            self.peer_lost_since[i] = match (now, was, self.peer_lost_since[i]) {
+                (true, _, _) => None,
+                (false, Some(true), _) => Some(Instant::now()),
+                (false, _, since) => since,
+            };
             if was != Some(now) {
                 let name = &self.peers[i].0.name;
                 match (was, now) {
@@ -1537,6 +1557,7 @@ impl Agent {
                     Duration::from_millis(500),
                 )
                 .await;
+                self.endpoints.step_down();
                 self.set_state(PgState::Stopping);
                 self.pg.stop(false).await?;
                 self.shared.events.record(

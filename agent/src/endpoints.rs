@@ -500,6 +500,14 @@ impl Endpoints {
         }
     }
 
+    /// Stepping down: after the local addresses, before PostgreSQL stops, the EC2 secondary
+    /// IP is given up (in the background; it only ever touches this node's own ENI).
+    pub fn step_down(&mut self) {
+        if self.ec2_held {
+            self.release_ec2();
+        }
+    }
+
     /// Best effort, in the background: the new primary reassigns the address anyway.
     fn release_ec2(&mut self) {
         self.ec2_held = false;

@@ -39,6 +39,8 @@ pub struct LeaseKeeper {
     /// The newest epoch this member gave up with a release: a renewal of it that was in flight
     /// and commits afterwards must not make this member a holder again.
     retired: AtomicU64,
+    /// The newest epoch this agent held a committed lease of (since it started).
+    held_max: AtomicU64,
 }
 
 impl LeaseKeeper {
@@ -50,6 +52,7 @@ impl LeaseKeeper {
             held: Mutex::new(Held::default()),
             stopped_postgres: AtomicI32::new(0),
             retired: AtomicU64::new(0),
+            held_max: AtomicU64::new(0),
         }
     }
 
@@ -79,6 +82,7 @@ impl LeaseKeeper {
         if epoch <= self.retired.load(Ordering::SeqCst) {
             return;
         }
+        self.held_max.fetch_max(epoch, Ordering::SeqCst);
         let valid = Duration::from_millis(ttl_ms.saturating_sub(margin_ms));
         let new = sent + valid;
         let mono = pgwarden_core::lease::holder_deadline(sent_mono_ms, ttl_ms, margin_ms);
@@ -123,6 +127,11 @@ impl LeaseKeeper {
         };
         drop(h);
         self.write_guard(sys::monotonic_ms() + valid);
+    }
+
+    /// Whether this agent held a committed lease of `epoch` (or newer) since it started.
+    pub fn held_since_start(&self, epoch: u64) -> bool {
+        self.held_max.load(Ordering::SeqCst) >= epoch && epoch > 0
     }
 
     /// Whether this member holds its lease on the fencing arbiter (not committed).

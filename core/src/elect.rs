@@ -194,6 +194,11 @@ pub struct ArbiterInputs<'a> {
     pub peer_fenced: bool,
     /// The epoch this member holds on the arbiter now, if it does.
     pub arbiter_epoch: Option<u64>,
+    /// How long the peer has not answered, as this agent saw it: `None` when this agent has
+    /// not seen it answer since it started (then it never fences it).
+    pub peer_gone_ms: Option<u64>,
+    /// This agent itself held the lease on record (and lost it while running).
+    pub held_here: bool,
 }
 
 /// The two-node fencing arbiter's decision.
@@ -213,9 +218,9 @@ pub enum ArbiterMove {
     },
 }
 
-/// How long a member that did not hold the last lease waits, after that lease is free, before
-/// it fences: the last primary fences first (it has the newest writes), so that when each of
-/// two partitioned nodes can still reach the EC2 API they do not stop each other.
+/// How much longer a member that did not hold the last lease waits before it fences: the last
+/// primary fences first (it has the newest writes), so that when each of two partitioned
+/// nodes can still reach the EC2 API they do not stop each other.
 pub fn arbiter_fencing_delay_ms(state: &ClusterState) -> u64 {
     2 * state.config.failover.ttl_ms()
 }
@@ -262,9 +267,11 @@ pub fn arbiter(i: &ArbiterInputs) -> ArbiterMove {
     let Some(me) = i.me_candidate else {
         return ArbiterMove::Wait("this member is not a candidate".into());
     };
-    // The last holder's own PostgreSQL stopped at the end of its lease; it is the best
-    // candidate by definition (nobody has newer writes).
-    if l.holder != i.me {
+    // The last holder that lost the lease while running stopped its PostgreSQL at its
+    // deadline; it is the best candidate by definition (nobody has newer writes). Anyone else
+    // — including a last holder that comes back after a stop — must be an eligible replica.
+    let first = l.holder == i.me && i.held_here;
+    if !first {
         if let Verdict::Ineligible(why) = verdict(me, &rules(st)) {
             return ArbiterMove::Wait(format!("not taking over with the fencing arbiter: {why}"));
         }
@@ -272,17 +279,31 @@ pub fn arbiter(i: &ArbiterInputs) -> ArbiterMove {
     if i.peer_fenced {
         return ArbiterMove::Hold { epoch: l.epoch + 1 };
     }
-    let free_since = if l.released {
-        0
-    } else {
-        l.expires_at_ms + drift
-    };
-    let after = free_since + arbiter_fencing_delay_ms(st);
-    if l.holder != i.me && i.now_ms < after {
+    // Only a peer this agent saw alive and then lost is fenced: a member that starts while
+    // its peer is unreachable (it may be the one that was fenced) waits instead.
+    let Some(gone) = i.peer_gone_ms else {
         return ArbiterMove::Wait(format!(
-            "{} held the last lease: it may fence first, this member fences {} at {} ms",
-            l.holder, i.peer, after
+            "{} has not answered since this agent started: not fencing it",
+            i.peer
         ));
+    };
+    let need = st.config.failover.ttl_ms()
+        + drift
+        + if first {
+            0
+        } else {
+            arbiter_fencing_delay_ms(st)
+        };
+    if gone < need {
+        return ArbiterMove::Wait(if first {
+            format!("{} gone for {gone} ms; fencing it at {need} ms", i.peer)
+        } else {
+            format!(
+                "{} gone for {gone} ms; {} held the last lease and may fence first: this member \
+                 fences {} at {need} ms",
+                i.peer, l.holder, i.peer
+            )
+        });
     }
     ArbiterMove::Fence {
         peer: i.peer.to_string(),
@@ -501,6 +522,8 @@ mod tests {
             me_candidate: Some(c),
             peer_fenced: false,
             arbiter_epoch: None,
+            peer_gone_ms: Some(0),
+            held_here: me == "a",
         }
     }
 
@@ -519,11 +542,19 @@ mod tests {
         );
         i.fencing = true;
         assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("not run out")));
-        // Free at 10 500; the last holder gets until 16 500 to fence first.
+        // Free at 10 500. The peer must have been seen gone for ttl + drift (3 500 ms), and
+        // 6 000 ms more by a member that did not hold the last lease.
         i.now_ms = 11_000;
+        i.peer_gone_ms = Some(4_000);
         assert!(matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("fence first")));
-        i.now_ms = 16_500;
+        i.peer_gone_ms = Some(9_500);
         assert_eq!(arbiter(&i), ArbiterMove::Fence { peer: "a".into() });
+        // A member that never saw its peer answer (it just started) never fences it.
+        i.peer_gone_ms = None;
+        assert!(
+            matches!(arbiter(&i), ArbiterMove::Wait(w) if w.contains("since this agent started"))
+        );
+        i.peer_gone_ms = Some(9_500);
         i.peer_fenced = true;
         assert_eq!(arbiter(&i), ArbiterMove::Hold { epoch: 4 });
         // Held also once the peer answers again, until a newer lease is committed.
@@ -534,10 +565,21 @@ mod tests {
         taken.lease.as_mut().unwrap().epoch = 4;
         i.state = &taken;
         assert_eq!(arbiter(&i), ArbiterMove::NotNeeded);
-        // The last holder fences at once.
+        // The last holder that lost the lease while running fences first (after ttl + drift).
         let a = cand("a", 1000);
-        let j = arb("a", &st, 11_000, &a);
+        let mut j = arb("a", &st, 11_000, &a);
+        j.peer_gone_ms = Some(3_000);
+        assert!(matches!(arbiter(&j), ArbiterMove::Wait(_)));
+        j.peer_gone_ms = Some(3_500);
         assert_eq!(arbiter(&j), ArbiterMove::Fence { peer: "b".into() });
+        // The same member back after a stop (it did not hold the lease in this run) is an
+        // ordinary candidate: with its PostgreSQL down it does not fence, whatever the record.
+        let mut down = cand("a", 1000);
+        down.healthy = false;
+        let mut k = arb("a", &st, 60_000, &down);
+        k.held_here = false;
+        k.peer_gone_ms = Some(60_000);
+        assert!(matches!(arbiter(&k), ArbiterMove::Wait(w) if w.contains("not taking over")));
     }
 
     #[test]

@@ -307,27 +307,30 @@ impl TestLab {
             .filter(|n| !n.witness)
             .map(|n| n.name.clone())
             .collect();
-        wait_for(
-            timeout,
-            &format!("all replicas streaming from {primary}"),
-            || async {
-                for n in &names {
-                    let st = self.status(n).await;
-                    let ok = if n == primary {
-                        st.is_some_and(|s| s.is_writable_primary())
-                    } else {
-                        st.is_some_and(|s| {
-                            s.is_streaming() && s.upstream.as_deref() == Some(primary)
-                        })
-                    };
-                    if !ok {
-                        return false;
-                    }
+        let deadline = Instant::now() + timeout;
+        let ok = || async {
+            for n in &names {
+                let st = self.status(n).await;
+                let ok = if n == primary {
+                    st.is_some_and(|s| s.is_writable_primary())
+                } else {
+                    st.is_some_and(|s| s.is_streaming() && s.upstream.as_deref() == Some(primary))
+                };
+                if !ok {
+                    return false;
                 }
-                true
-            },
-        )
-        .await;
+            }
+            true
+        };
+        while !ok().await {
+            if Instant::now() > deadline {
+                self.dump_state().await;
+                panic!(
+                    "timed out after {timeout:?} waiting for all replicas streaming from {primary}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Starts the write probe on every node; stop it with the returned sender.
