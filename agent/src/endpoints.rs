@@ -119,6 +119,9 @@ pub struct Endpoints {
     ec2_failures: u32,
     next_ec2_try: Instant,
     placement_committed: bool,
+    /// When to propose the placement again after a proposal that did not commit (without a
+    /// majority a proposal waits seconds; the loop must not do that at every step).
+    next_placement_try: Instant,
     /// The epoch whose first address addition is in its failover record.
     local_epoch: Option<u64>,
     last_error: Option<String>,
@@ -148,6 +151,7 @@ impl Endpoints {
             ec2_failures: 0,
             next_ec2_try: Instant::now(),
             placement_committed: false,
+            next_placement_try: Instant::now(),
             local_epoch: None,
             last_error: None,
             missing_interfaces: Vec::new(),
@@ -216,7 +220,7 @@ impl Endpoints {
             }
         }
         let Some(ctx) = &self.aws else { return };
-        if !self.placement_committed {
+        if !self.placement_committed && Instant::now() >= self.next_placement_try {
             let placement = Placement {
                 instance_id: ctx.me.instance_id.clone(),
                 eni_id: ctx.me.eni_id.clone(),
@@ -236,6 +240,9 @@ impl Endpoints {
                     })
                     .await
                     .is_ok();
+            if !self.placement_committed {
+                self.next_placement_try = Instant::now() + Duration::from_secs(30);
+            }
         }
         // Checked at start, every `permission_check_interval`, and when the members whose
         // instances this node may have to fence become known.
