@@ -120,8 +120,10 @@ pub struct Endpoints {
     next_ec2_try: Instant,
     placement_committed: bool,
     /// When to propose the placement again after a proposal that did not commit (without a
-    /// majority a proposal waits seconds; the loop must not do that at every step).
+    /// majority a proposal waits seconds; the loop must not do that at every step): 1 s, 2 s,
+    /// 4 s … up to 30 s.
     next_placement_try: Instant,
+    placement_failures: u32,
     /// The epoch whose first address addition is in its failover record.
     local_epoch: Option<u64>,
     last_error: Option<String>,
@@ -152,6 +154,7 @@ impl Endpoints {
             next_ec2_try: Instant::now(),
             placement_committed: false,
             next_placement_try: Instant::now(),
+            placement_failures: 0,
             local_epoch: None,
             last_error: None,
             missing_interfaces: Vec::new(),
@@ -241,7 +244,9 @@ impl Endpoints {
                     .await
                     .is_ok();
             if !self.placement_committed {
-                self.next_placement_try = Instant::now() + Duration::from_secs(30);
+                let wait = (1u64 << self.placement_failures.min(5)).min(30);
+                self.placement_failures += 1;
+                self.next_placement_try = Instant::now() + Duration::from_secs(wait);
             }
         }
         // Checked at start, every `permission_check_interval`, and when the members whose
