@@ -896,10 +896,8 @@ impl Agent {
                         }
                     }
                     Err(e) => {
-                        let msg = format!("{e:#}");
-                        self.shared.events.record("fencing_failed", msg.clone());
                         self.lease_wait =
-                            Some(format!("the fencing arbiter could not stop {peer}: {msg}"));
+                            Some(format!("the fencing arbiter could not stop {peer}: {e:#}"));
                     }
                 }
             }

@@ -224,12 +224,7 @@ impl Endpoints {
         }
         let Some(ctx) = &self.aws else { return };
         if !self.placement_committed && Instant::now() >= self.next_placement_try {
-            let placement = Placement {
-                instance_id: ctx.me.instance_id.clone(),
-                eni_id: ctx.me.eni_id.clone(),
-                availability_zone: ctx.me.availability_zone.clone(),
-                private_ip: ctx.me.private_ip.clone(),
-            };
+            let placement = Self::placement(&ctx.me);
             let st = self.shared.consensus.sm.state();
             let me = &self.shared.cfg.node.name;
             let known = st.placements.get(me) == Some(&placement);
@@ -334,50 +329,24 @@ impl Endpoints {
             self.fenced_epoch = Some(epoch);
             return Ok(());
         };
-        let Some(ctx) = &self.aws else {
-            anyhow::bail!(
-                "fencing {target} is required before promoting, but the EC2 client is not ready: {}",
-                self.aws_error.as_deref().unwrap_or("starting")
-            );
-        };
-        let Some(instance) = self.instance_of(&target) else {
-            anyhow::bail!(
-                "fencing {target} is required before promoting, but its instance is unknown \
-                 (set cluster.members.instance_id or let its agent report it once)"
-            );
-        };
-        self.shared.events.record(
-            "fencing",
-            format!(
-                "fencing {target} ({instance}, fencing = {}) before promoting: it did not step down",
-                cfg.fencing.as_str()
-            ),
-        );
         crate::lease::record_step(
             &self.shared,
             epoch,
             "fencing_started",
-            format!("{} {target} ({instance})", cfg.fencing.as_str()),
+            format!("{} {target}", cfg.fencing.as_str()),
         )
         .await;
-        match ctx
-            .ec2
-            .fence(&instance, cfg.fencing, cfg.fencing_timeout.0)
+        match self
+            .fence(&target, "before promoting: it did not step down")
             .await
         {
-            Ok(out) => {
-                let msg = format!(
-                    "fenced {target} ({instance}): {} → {} in {} ms",
-                    out.action, out.final_state, out.elapsed_ms
-                );
-                self.shared.events.record("fenced", msg.clone());
+            Ok(msg) => {
                 crate::lease::record_step(&self.shared, epoch, "fenced", msg).await;
                 self.fenced_epoch = Some(epoch);
                 Ok(())
             }
             Err(e) => {
-                let msg = format!("fencing {target} ({instance}) failed: {e}");
-                self.shared.events.record("fencing_failed", msg.clone());
+                let msg = format!("{e:#}");
                 crate::lease::record_step(&self.shared, epoch, "fencing_failed", msg.clone()).await;
                 anyhow::bail!("{msg}; not promoting")
             }
@@ -388,44 +357,71 @@ impl Endpoints {
     /// when this node's own instance is not running (the peer fenced it first).
     pub async fn fence_peer(&mut self, peer: &str) -> Result<String> {
         self.prepare().await;
-        let Some(cfg) = self.shared.cfg.aws.clone() else {
-            anyhow::bail!("no [aws] section: no fencing");
-        };
-        let Some(ctx) = &self.aws else {
-            anyhow::bail!(
-                "the EC2 client is not ready: {}",
-                self.aws_error.as_deref().unwrap_or("starting")
-            );
-        };
-        let Some(instance) = self.instance_of(peer) else {
-            anyhow::bail!(
-                "{peer}'s instance is unknown (set cluster.members.instance_id or let its agent \
-                 report it once)"
-            );
-        };
-        let own = ctx.ec2.instance_state(&ctx.me.instance_id).await?;
-        if own != "running" {
-            anyhow::bail!("this instance is {own}: {peer} fenced it first");
+        if let Some(ctx) = &self.aws {
+            let own = ctx.ec2.instance_state(&ctx.me.instance_id).await?;
+            if own != "running" {
+                anyhow::bail!("this instance is {own}: {peer} fenced it first");
+            }
         }
-        self.shared.events.record(
-            "fencing",
-            format!(
-                "fencing {peer} ({instance}, fencing = {}): two-node cluster, {peer} does not \
-                 answer",
-                cfg.fencing.as_str()
-            ),
-        );
-        let out = ctx
-            .ec2
-            .fence(&instance, cfg.fencing, cfg.fencing_timeout.0)
+        self.fence(peer, "two-node cluster, it does not answer")
             .await
-            .map_err(|e| anyhow::anyhow!("fencing {peer} ({instance}): {e}"))?;
-        let msg = format!(
-            "fenced {peer} ({instance}): {} → {} in {} ms",
-            out.action, out.final_state, out.elapsed_ms
-        );
-        self.shared.events.record("fenced", msg.clone());
-        Ok(msg)
+    }
+
+    /// Stops `target`'s instance as `aws.fencing` says and waits for it, with the events
+    /// `fencing` and `fenced` or `fencing_failed`. Returns what happened.
+    async fn fence(&self, target: &str, why: &str) -> Result<String> {
+        let result = async {
+            let Some(cfg) = self.shared.cfg.aws.as_ref() else {
+                anyhow::bail!("no [aws] section: no fencing");
+            };
+            let Some(ctx) = &self.aws else {
+                anyhow::bail!(
+                    "fencing {target} is required, but the EC2 client is not ready: {}",
+                    self.aws_error.as_deref().unwrap_or("starting")
+                );
+            };
+            let Some(instance) = self.instance_of(target) else {
+                anyhow::bail!(
+                    "fencing {target} is required, but its instance is unknown (set \
+                     cluster.members.instance_id or let its agent report it once)"
+                );
+            };
+            self.shared.events.record(
+                "fencing",
+                format!(
+                    "fencing {target} ({instance}, fencing = {}): {why}",
+                    cfg.fencing.as_str()
+                ),
+            );
+            let out = ctx
+                .ec2
+                .fence(&instance, cfg.fencing, cfg.fencing_timeout.0)
+                .await
+                .map_err(|e| anyhow::anyhow!("fencing {target} ({instance}) failed: {e}"))?;
+            Ok(format!(
+                "fenced {target} ({instance}): {} → {} in {} ms",
+                out.action, out.final_state, out.elapsed_ms
+            ))
+        }
+        .await;
+        match &result {
+            Ok(msg) => self.shared.events.record("fenced", msg.clone()),
+            Err(e) => self
+                .shared
+                .events
+                .record("fencing_failed", format!("{e:#}")),
+        }
+        result
+    }
+
+    /// Where this node runs, as reported to the group and in the status.
+    fn placement(me: &Identity) -> Placement {
+        Placement {
+            instance_id: me.instance_id.clone(),
+            eni_id: me.eni_id.clone(),
+            availability_zone: me.availability_zone.clone(),
+            private_ip: me.private_ip.clone(),
+        }
     }
 
     /// One round: `hold` = this node holds lease `epoch` and runs the writable primary.
@@ -653,12 +649,7 @@ impl Endpoints {
                 }
             }
         }
-        let placement = self.aws.as_ref().map(|c| Placement {
-            instance_id: c.me.instance_id.clone(),
-            eni_id: c.me.eni_id.clone(),
-            availability_zone: c.me.availability_zone.clone(),
-            private_ip: c.me.private_ip.clone(),
-        });
+        let placement = self.aws.as_ref().map(|c| Self::placement(&c.me));
         let unknown = match (&self.aws, &self.aws_error) {
             (None, Some(e)) => Some(e.as_str()),
             (None, None) => Some("not asked yet"),
