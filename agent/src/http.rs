@@ -156,7 +156,7 @@ async fn require_peer_cert(
     let peer = req
         .extensions()
         .get::<crate::tls::PeerCert>()
-        .is_some_and(|p| p.0);
+        .is_some_and(|p| p.verified());
     if shared.cfg.tls.is_some() && !peer {
         return problem(Problem::new(
             403,

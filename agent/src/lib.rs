@@ -3,7 +3,6 @@
 
 pub mod agent;
 pub mod aws;
-pub mod certs;
 pub mod endpoints;
 pub mod events;
 pub mod guard;
@@ -13,5 +12,6 @@ pub mod netaddr;
 pub mod pg;
 pub mod raft;
 pub mod sys;
-pub mod tls;
 pub mod witness;
+
+pub use pgwarden_pki::{certs, tls};

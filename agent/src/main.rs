@@ -231,7 +231,10 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let consensus = Arc::new(raft::node::Consensus::start(&cfg, &secrets.token).await?);
     let tls = match &cfg.tls {
-        Some(t) => Some(pgwarden_agent::tls::acceptor(t).context("set up TLS for the agent API")?),
+        Some(t) => Some(
+            pgwarden_agent::tls::acceptor(&t.ca_file, &t.cert_file, &t.key_file)
+                .context("set up TLS for the agent API")?,
+        ),
         None => {
             tracing::warn!("no [tls] section: the agent API and Raft traffic are plain HTTP (for development only)");
             None
@@ -310,7 +313,13 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     let a = async {
         match tls {
             Some(acc) => {
-                pgwarden_agent::tls::serve(api, acc, http::api_router(shared.clone())).await
+                pgwarden_agent::tls::serve(
+                    api,
+                    acc,
+                    http::api_router(shared.clone()),
+                    pgwarden_agent::tls::Revoked::default(),
+                )
+                .await
             }
             None => axum::serve(api, http::api_router(shared.clone()))
                 .await

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod candidate;
 pub mod config;
+pub mod control;
 pub mod decide;
 pub mod duration;
 pub mod dynconfig;

@@ -33,7 +33,10 @@ impl Network {
     ) -> anyhow::Result<Network> {
         let timeout = Duration::from_secs(2);
         let (http, scheme) = match tls {
-            Some(t) => (crate::tls::client(t, timeout)?, "https"),
+            Some(t) => (
+                crate::tls::client(&t.ca_file, Some((&t.cert_file, &t.key_file)), timeout)?,
+                "https",
+            ),
             None => (
                 reqwest::Client::builder()
                     .timeout(timeout)
