@@ -31,6 +31,41 @@ pub struct AgentConfig {
     /// EC2: the secondary private IP, Elastic IP and route-table IP that follow the primary,
     /// and fencing of a primary that did not step down.
     pub aws: Option<AwsSection>,
+    /// The control plane (`pgwarden-server`) the agent reports to. Without it the agent uses
+    /// what `pgwarden-agent join` wrote to its state directory, if anything.
+    pub server: Option<ServerSection>,
+}
+
+/// The control plane this agent pushes its reports to.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// `https://host:port` of `pgwarden-server`.
+    pub url: String,
+    /// How often the agent reports until the server says otherwise.
+    #[serde(default = "default_report_interval")]
+    pub report_interval: ConfDuration,
+}
+
+impl ServerSection {
+    /// The URL without a trailing `/`, ready for `{base}/api/v1/…`.
+    pub fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+}
+
+/// Checks a control-plane URL: `https://` and a host, nothing else required.
+pub fn check_server_url(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("https://").ok_or_else(|| {
+        format!("{url:?} is not an https:// URL (the control plane is reached over TLS only)")
+    })?;
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty() || host.starts_with(':') || url.contains(char::is_whitespace) {
+        return Err(format!(
+            "{url:?} is not a URL such as https://pgwarden.example.net:9443"
+        ));
+    }
+    Ok(())
 }
 
 /// A virtual IP on a local interface, held by the lease-holding primary only.
@@ -327,6 +362,9 @@ fn default_fencing_timeout() -> ConfDuration {
 fn default_permission_check_interval() -> ConfDuration {
     ConfDuration::secs(900)
 }
+fn default_report_interval() -> ConfDuration {
+    ConfDuration::secs(2)
+}
 
 /// Parses `a.b.c.d/len` (IPv4 with prefix).
 pub fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
@@ -407,14 +445,14 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Converts a byte offset into a 1-based line number.
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 /// The dotted key defined on `line` (1-based), e.g. `postgresql.port`, from the nearest table
 /// header above it. Used to name the key in type errors, which the TOML parser reports by
 /// position only.
-fn key_at_line(text: &str, line: usize) -> Option<String> {
+pub(crate) fn key_at_line(text: &str, line: usize) -> Option<String> {
     let lines: Vec<&str> = text.lines().collect();
     let here = lines.get(line.checked_sub(1)?)?.trim();
     let local = if here.starts_with('[') {
@@ -438,7 +476,12 @@ fn key_at_line(text: &str, line: usize) -> Option<String> {
 }
 
 /// The 1-based line of `key` inside `[section]` (or `[[section]]` number `index`), if written.
-fn find_key_line(text: &str, section: &str, index: Option<usize>, key: &str) -> Option<usize> {
+pub(crate) fn find_key_line(
+    text: &str,
+    section: &str,
+    index: Option<usize>,
+    key: &str,
+) -> Option<usize> {
     let mut in_section = false;
     let mut seen = 0usize;
     for (i, raw) in text.lines().enumerate() {
@@ -780,6 +823,26 @@ impl AgentConfig {
         if let Some(a) = &self.aws {
             a.validate().map_err(|(k, m)| inv("aws", None, k, m))?;
         }
+        if let Some(srv) = &self.server {
+            check_server_url(&srv.url).map_err(|m| inv("server", None, "url", m))?;
+            let every = srv.report_interval.0;
+            if every < std::time::Duration::from_millis(100) {
+                return Err(inv(
+                    "server",
+                    None,
+                    "report_interval",
+                    "must be at least 100ms".into(),
+                ));
+            }
+            if every > std::time::Duration::from_secs(3600) {
+                return Err(inv(
+                    "server",
+                    None,
+                    "report_interval",
+                    "must be at most 1h".into(),
+                ));
+            }
+        }
         for (i, m) in self.cluster.members.iter().enumerate() {
             if let Some(id) = &m.instance_id {
                 check_aws_id(id, "i-")
@@ -1070,6 +1133,60 @@ shared_buffers = "128MB"
         assert!(e.to_string().contains("fencing"), "{e}");
         let e = parse(&format!("{GOOD}\n[vip]\naddres = \"10.0.0.1/24\"\n")).unwrap_err();
         assert!(e.to_string().contains("addres"), "{e}");
+    }
+
+    #[test]
+    fn server_section_is_optional_and_validated() {
+        assert_eq!(parse(GOOD).unwrap().server, None);
+        let c = parse(&format!(
+            "{GOOD}\n[server]\nurl = \"https://cp.example.net:9443/\"\n"
+        ))
+        .unwrap();
+        let srv = c.server.unwrap();
+        assert_eq!(srv.report_interval, ConfDuration::secs(2));
+        assert_eq!(srv.base_url(), "https://cp.example.net:9443");
+        let c = parse(&format!(
+            "{GOOD}\n[server]\nurl = \"https://10.0.0.5:9443\"\nreport_interval = \"500ms\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.unwrap().report_interval, ConfDuration::millis(500));
+        let cases = [
+            ("url = \"http://cp:9443\"\n", "server.url", "https://"),
+            ("url = \"https://\"\n", "server.url", "such as"),
+            ("url = \"https://:9443\"\n", "server.url", "such as"),
+            (
+                "url = \"https://cp:9443\"\nreport_interval = \"10ms\"\n",
+                "server.report_interval",
+                "100ms",
+            ),
+            (
+                "url = \"https://cp:9443\"\nreport_interval = \"2h\"\n",
+                "server.report_interval",
+                "1h",
+            ),
+        ];
+        for (extra, key, why) in cases {
+            let text = format!("{GOOD}\n[server]\n{extra}");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{extra}: {e}");
+            assert!(e.message.contains(why), "{extra}: {e}");
+            let name = key.rsplit('.').next().unwrap();
+            let line = text.lines().position(|l| l.starts_with(name));
+            assert_eq!(e.line, line.map(|l| l + 1), "{extra}: {e}");
+        }
+        let e = parse(&format!(
+            "{GOOD}\n[server]\nurl = \"https://cp\"\nurll = \"x\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.urll"), "{e}");
+        assert!(e.message.contains("urll"), "{e}");
+        let e = parse(&format!("{GOOD}\n[server]\nreport_interval = \"2s\"\n")).unwrap_err();
+        assert!(e.message.contains("missing field `url`"), "{e}");
+        let e = parse(&format!(
+            "{GOOD}\n[server]\nurl = \"https://cp\"\nreport_interval = \"soon\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("server.report_interval"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgtext;
 pub mod record;
+pub mod server_config;
 pub mod status;
 pub mod sync;
 pub mod timefmt;

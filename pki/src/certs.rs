@@ -102,15 +102,27 @@ pub struct Ca {
 impl Ca {
     /// Loads `ca.pem` and `ca.key` from `dir`.
     pub fn load(dir: &Path) -> Result<Ca> {
-        let key_pem = std::fs::read_to_string(dir.join("ca.key"))
-            .with_context(|| format!("read {}", dir.join("ca.key").display()))?;
-        let pem = std::fs::read_to_string(dir.join("ca.pem"))
-            .with_context(|| format!("read {}", dir.join("ca.pem").display()))?;
+        Ca::load_files(&dir.join("ca.pem"), &dir.join("ca.key"))
+    }
+
+    /// Loads the CA certificate and key from their files.
+    pub fn load_files(cert: &Path, key: &Path) -> Result<Ca> {
+        let key_pem =
+            std::fs::read_to_string(key).with_context(|| format!("read {}", key.display()))?;
+        let pem =
+            std::fs::read_to_string(cert).with_context(|| format!("read {}", cert.display()))?;
         let key = KeyPair::from_pem(&key_pem).context("parse ca.key")?;
         let cert = ca_params("pgwarden CA")
             .self_signed(&key)
             .context("load the CA")?;
         Ok(Ca { key, cert, pem })
+    }
+
+    /// Whether `csr_pem` is a well-formed, self-signed certificate request.
+    pub fn check_csr(csr_pem: &str) -> Result<()> {
+        CertificateSigningRequestParams::from_pem(csr_pem)
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("not a PEM certificate request: {e}"))
     }
 
     /// The CA certificate as written at `init` (PEM).
@@ -208,6 +220,11 @@ fn sans(name: &str, hosts: &[String]) -> Result<Vec<SanType>> {
     Ok(sans)
 }
 
+/// The common name of the control plane's certificate (`pgwarden-server init` issues it,
+/// without an organizational unit). Enrolled agents always carry their cluster as OU, so no
+/// enrollment can produce it.
+pub const CONTROL_PLANE_CN: &str = "pgwarden-server";
+
 /// Who a certificate names: its subject's common name and organizational unit (the node and
 /// cluster of an enrolled agent), and its SHA-256 fingerprint.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -215,6 +232,13 @@ pub struct Identity {
     pub cn: String,
     pub ou: Option<String>,
     pub fingerprint: String,
+}
+
+impl Identity {
+    /// The control plane: it may use an agent's API without the bearer token.
+    pub fn is_control_plane(&self) -> bool {
+        self.cn == CONTROL_PLANE_CN && self.ou.is_none()
+    }
 }
 
 /// Reads the identity of a DER certificate.

@@ -25,6 +25,10 @@ impl PeerCert {
     }
 }
 
+/// The TCP peer of the connection a request came on.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Fingerprints of revoked certificates, shared with the code that learns them.
 #[derive(Clone, Debug, Default)]
 pub struct Revoked(Arc<RwLock<HashSet<String>>>);
@@ -164,6 +168,7 @@ pub async fn serve(
             let svc =
                 router.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer.clone());
+                    req.extensions_mut().insert(PeerAddr(addr));
                     req
                 });
             let svc = hyper_util::service::TowerToHyperService::new(svc);

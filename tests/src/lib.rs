@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 pub use pgwarden_lab;
 
+pub mod temp_pg;
+
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
