@@ -99,6 +99,11 @@ pub struct Shared {
     /// The local addresses that follow the primary (VIP, EC2 secondary and overlay IPs);
     /// `None` when none are configured.
     pub local: Option<Arc<crate::endpoints::Local>>,
+    /// Commands pushed by the control plane (`POST /v1/commands`).
+    pub commands: crate::commands::Commands,
+    /// Fingerprints of revoked certificates: the API listener refuses them; the control
+    /// plane's report acknowledgements update them.
+    pub revoked: crate::tls::Revoked,
 }
 
 impl Shared {

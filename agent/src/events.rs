@@ -1,5 +1,6 @@
-//! The node's event log: appended to `<state_dir>/events.jsonl` (kept for the control plane,
-//! which will collect it) and the newest ones kept in memory for the API.
+//! The node's event log: appended to `<state_dir>/events.jsonl` (the durable buffer the
+//! control-plane reports deliver from, `server_link`) and the newest ones kept in memory for
+//! the API.
 
 use crate::sys::now_ms;
 use pgwarden_core::event::Event;

@@ -1,6 +1,7 @@
 //! The agent's two HTTP servers: the unauthenticated health checks (Patroni-compatible, port
 //! 8008 by default) with `/status` and `/metrics`, and the authenticated agent API (bearer
-//! token, port 8443 by default) for operations.
+//! token, or a client certificate signed by the installation's CA; port 8443 by default) for
+//! operations and the control plane's commands.
 
 use crate::agent::{Op, OpRequest, Shared};
 use crate::sys::now_ms;
@@ -18,7 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-fn problem(p: Problem) -> Response {
+/// An RFC 9457 problem answer (`application/problem+json`).
+pub(crate) fn problem(p: Problem) -> Response {
     let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut r = (status, Json(p)).into_response();
     r.headers_mut().insert(
@@ -101,6 +103,11 @@ pub fn api_router(shared: Arc<Shared>) -> Router {
         .route("/v1/config", get(get_config).patch(patch_config))
         .route("/v1/pause", post(pause))
         .route("/v1/resume", post(resume))
+        .route(
+            "/v1/commands",
+            get(crate::commands::list_commands).post(crate::commands::post_command),
+        )
+        .route("/v1/commands/{id}", get(crate::commands::get_command))
         .merge(
             Router::new()
                 .route("/v1/raft/append", post(raft_append))
@@ -121,7 +128,19 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A bearer token (operators, the CLI, other agents) or the control plane's client
+/// certificate (`CN = pgwarden-server`, signed by the installation's CA, pushing commands; the
+/// TLS listener already refused revoked ones). Other CA-signed certificates (agents,
+/// operators) still need the token.
 async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let control_plane = req
+        .extensions()
+        .get::<crate::tls::PeerCert>()
+        .and_then(|p| p.0.as_ref())
+        .is_some_and(|id| id.is_control_plane());
+    if control_plane {
+        return next.run(req).await;
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -133,7 +152,7 @@ async fn auth(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
             let mut r = problem(Problem::new(
                 401,
                 "Unauthorized",
-                "a valid bearer token is required (Authorization: Bearer …)",
+                "a valid bearer token (Authorization: Bearer …) or the control plane's client certificate is required",
             ));
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -3,14 +3,17 @@
 
 pub mod agent;
 pub mod aws;
+pub mod commands;
 pub mod endpoints;
 pub mod events;
 pub mod guard;
 pub mod http;
+pub mod join;
 pub mod lease;
 pub mod netaddr;
 pub mod pg;
 pub mod raft;
+pub mod server_link;
 pub mod sys;
 pub mod witness;
 

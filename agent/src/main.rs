@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use pgwarden_agent::{agent, events, http, pg, raft};
+use pgwarden_agent::{agent, commands, events, http, pg, raft, server_link};
 use pgwarden_core::config::{AgentConfig, LogFormat};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +32,29 @@ enum Cmd {
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+    /// Enroll this node with the control plane (pgwarden-server).
+    ///
+    /// Checks the server's CA against FP, exchanges the join token and a certificate request
+    /// for a certificate, and writes <state_dir>/tls/{ca.pem,node.pem,node.key} and
+    /// <state_dir>/server.json. Restart the agent afterwards.
+    Join {
+        /// Configuration file (default: the global --config).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The control plane, https://host:port.
+        #[arg(long)]
+        server: String,
+        /// The one-time join token.
+        #[arg(long, env = "PGWARDEN_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The SHA-256 fingerprint of the installation's CA (as printed by the server),
+        /// any case, colons optional.
+        #[arg(long = "ca-fingerprint", value_name = "FP")]
+        ca_fingerprint: String,
+        /// Replace an existing enrolled certificate.
+        #[arg(long)]
+        force: bool,
     },
     /// The lease guard (started by the agent): stops a writable PostgreSQL when the lease
     /// deadline passes while the agent is dead.
@@ -64,6 +87,58 @@ enum CertsCmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+fn join_cmd(config: &Path, args: pgwarden_agent::join::JoinArgs) -> ExitCode {
+    let file = config.display().to_string();
+    let cfg = match std::fs::read_to_string(config)
+        .map_err(|e| format!("{file}: cannot read: {e}"))
+        .and_then(|t| AgentConfig::parse(&t, &file).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(pgwarden_agent::join::join(&cfg, &args)) {
+        Ok(j) => {
+            println!(
+                "enrolled node {} of cluster {} with {}",
+                cfg.node.name, cfg.cluster.name, args.server
+            );
+            println!("certificate SHA-256 fingerprint {}", j.fingerprint);
+            println!(
+                "wrote {}, {}, {} and {}",
+                j.tls.ca_file,
+                j.tls.cert_file,
+                j.tls.key_file,
+                j.server_file.display()
+            );
+            if cfg.tls.is_some() {
+                println!("note: {file} has a [tls] section, which the agent uses instead of the enrolled certificate");
+            }
+            if cfg.server.is_some() {
+                println!("note: {file} has a [server] section, which the agent uses instead of server.json");
+            }
+            println!("restart the agent to use them");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn certs_cmd(cmd: CertsCmd) -> ExitCode {
@@ -112,7 +187,11 @@ struct Secrets {
 fn load(path: &Path) -> Result<(AgentConfig, Secrets), String> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| format!("{file}: cannot read: {e}"))?;
-    let cfg = AgentConfig::parse(&text, &file).map_err(|e| e.to_string())?;
+    let mut cfg = AgentConfig::parse(&text, &file).map_err(|e| e.to_string())?;
+    // Without [tls], the certificate `join` stored in the state directory, if any.
+    if cfg.tls.is_none() {
+        cfg.tls = pgwarden_agent::join::tls_from_state_dir(Path::new(&cfg.node.state_dir));
+    }
     let pg = &cfg.postgresql;
     let s = (|| -> Result<Secrets> {
         Ok(Secrets {
@@ -146,6 +225,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Certs { cmd }) => return certs_cmd(cmd),
+        Some(Cmd::Join {
+            config,
+            server,
+            token,
+            ca_fingerprint,
+            force,
+        }) => {
+            let args = pgwarden_agent::join::JoinArgs {
+                server,
+                token,
+                ca_fingerprint,
+                force,
+            };
+            return join_cmd(config.as_deref().unwrap_or(&cli.config), args);
+        }
         Some(Cmd::Guard {
             state_dir,
             data_dir,
@@ -251,6 +345,12 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     } else {
         None
     };
+    let state_dir = Path::new(&cfg.node.state_dir);
+    let revoked = pgwarden_agent::tls::Revoked::default();
+    revoked.replace(server_link::load_revoked(&server_link::revoked_file(
+        state_dir,
+    )));
+    let (commands, interrupted) = commands::Commands::load(state_dir);
     let shared = Arc::new(agent::Shared {
         local,
         postmaster_pid: std::sync::atomic::AtomicI32::new(0),
@@ -270,6 +370,8 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
             &cfg.node.state_dir,
             &cfg.postgresql.data_dir,
         ),
+        commands,
+        revoked: revoked.clone(),
     });
     if !witness {
         pgwarden_agent::guard::ensure(
@@ -296,6 +398,33 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
         "agent_started",
         format!("agent {} started", env!("CARGO_PKG_VERSION")),
     );
+    for c in interrupted {
+        shared.events.record(
+            "command_finished",
+            format!(
+                "command {} ({}) failed: {}",
+                c.id,
+                c.kind.as_str(),
+                c.message
+            ),
+        );
+    }
+    match (server_link::target(&cfg), &cfg.tls) {
+        (Ok(Some(target)), Some(t)) => {
+            tokio::spawn(server_link::run(shared.clone(), target, t.clone()));
+        }
+        (Ok(Some(target)), None) => tracing::warn!(
+            url = %target.url,
+            "a control plane is configured but TLS is not: not reporting (run pgwarden-agent join, or add [tls])"
+        ),
+        (Ok(None), _) => tracing::info!(
+            "no [server] section and no server.json in the state directory: not reporting to a control plane"
+        ),
+        (Err(e), _) => tracing::warn!(
+            error = %format!("{e:#}"),
+            "cannot tell where the control plane is: not reporting"
+        ),
+    }
     let agent = match pg {
         Some(pg) => Some(agent::Agent::new(shared.clone(), pg)?),
         None => None,
@@ -313,13 +442,8 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
     let a = async {
         match tls {
             Some(acc) => {
-                pgwarden_agent::tls::serve(
-                    api,
-                    acc,
-                    http::api_router(shared.clone()),
-                    pgwarden_agent::tls::Revoked::default(),
-                )
-                .await
+                pgwarden_agent::tls::serve(api, acc, http::api_router(shared.clone()), revoked)
+                    .await
             }
             None => axum::serve(api, http::api_router(shared.clone()))
                 .await
@@ -337,4 +461,60 @@ async fn run(cfg: AgentConfig, secrets: Secrets) -> Result<()> {
         _ = term.recv() => tracing::info!("terminated; leaving PostgreSQL running"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn join_takes_its_config_before_or_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "pgwarden-agent",
+            "join",
+            "--config",
+            "/tmp/a.toml",
+            "--server",
+            "https://cp:9443",
+            "--token",
+            "t",
+            "--ca-fingerprint",
+            "AB:CD",
+        ])
+        .unwrap();
+        let Some(Cmd::Join { config, force, .. }) = cli.cmd else {
+            panic!("join")
+        };
+        assert_eq!(config, Some(PathBuf::from("/tmp/a.toml")));
+        assert!(!force);
+        let cli = Cli::try_parse_from([
+            "pgwarden-agent",
+            "--config",
+            "/tmp/b.toml",
+            "join",
+            "--server",
+            "https://cp:9443",
+            "--token",
+            "t",
+            "--ca-fingerprint",
+            "AB:CD",
+            "--force",
+        ])
+        .unwrap();
+        assert_eq!(cli.config, PathBuf::from("/tmp/b.toml"));
+        assert!(matches!(
+            cli.cmd,
+            Some(Cmd::Join {
+                config: None,
+                force: true,
+                ..
+            })
+        ));
+    }
 }
