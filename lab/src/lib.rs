@@ -55,6 +55,10 @@ pub struct LabSpec {
     pub ec2: bool,
     /// With `ec2`: the agents' `fencing` setting.
     pub fencing: String,
+    /// Start `pgwarden-server` (SQLite) on its own host, and enroll every agent with a join
+    /// token (its certificates come from the server's CA).
+    pub server: bool,
+    pub server_bin: PathBuf,
 }
 
 impl LabSpec {
@@ -80,6 +84,8 @@ impl LabSpec {
             vip: None,
             ec2: false,
             fencing: "stop".into(),
+            server: false,
+            server_bin: default_server_bin(),
         }
     }
 }
@@ -127,6 +133,35 @@ pub struct Lab {
     /// The EC2 emulator, when the lab was made with `ec2`.
     #[serde(default)]
     pub ec2: Option<LabEc2>,
+    /// The control plane, when the lab was made with `server`.
+    #[serde(default)]
+    pub server: Option<LabServer>,
+}
+
+/// The lab's `pgwarden-server`: its host, files, process and first admin.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabServer {
+    pub host: String,
+    pub netns: Option<String>,
+    pub veth: Option<String>,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub bin: PathBuf,
+    pub pid: Option<i32>,
+    pub admin_user: String,
+    pub admin_password: String,
+    pub admin_token: String,
+    pub ca_fingerprint: String,
+}
+
+impl LabServer {
+    pub fn url(&self) -> String {
+        format!("https://{}:{}", self.host, self.port)
+    }
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("pki/ca.pem")
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -176,6 +211,14 @@ pub fn is_root() -> bool {
 
 /// The agent binary: `$PGWARDEN_AGENT_BIN`, else next to this executable (or one level up, for
 /// test binaries in `target/*/deps`), else `pgwarden-agent` on PATH.
+/// The server binary: `$PGWARDEN_SERVER_BIN`, else next to the agent binary.
+pub fn default_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PGWARDEN_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    default_agent_bin().with_file_name("pgwarden-server")
+}
+
 pub fn default_agent_bin() -> PathBuf {
     if let Ok(p) = std::env::var("PGWARDEN_AGENT_BIN") {
         return PathBuf::from(p);
@@ -282,6 +325,7 @@ impl Lab {
             client: None,
             vip: None,
             ec2: None,
+            server: None,
         };
         if (spec.vip.is_some() || spec.ec2) && spec.mode != Mode::Netns {
             bail!("--vip and --ec2 need network namespaces: run the lab as root");
@@ -360,7 +404,9 @@ impl Lab {
         if spec.ec2 {
             lab.start_ec2(&subnet)?;
         }
-        if spec.tls {
+        if spec.server {
+            lab.setup_server(spec, &subnet)?;
+        } else if spec.tls {
             lab.make_certs()?;
         }
         let replication_password = random_hex(12)?;
@@ -377,11 +423,230 @@ impl Lab {
             }
             std::fs::write(&n.config, text)?;
         }
+        if spec.server {
+            lab.start_server()?;
+            lab.enroll_agents()?;
+        }
         let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
         for n in names {
             lab.start_agent(&n)?;
         }
         Ok(lab)
+    }
+
+    /// Runs a program (inside `netns` when given) and returns its standard output.
+    fn run_in(netns: Option<&str>, prog: &Path, args: &[&str]) -> Result<String> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(prog);
+                c
+            }
+            None => Command::new(prog),
+        };
+        let out = cmd
+            .args(args)
+            .output()
+            .with_context(|| format!("run {}", prog.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} {}: {}",
+                prog.display(),
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The control plane: its host, `init` (CA, server certificate, store, first admin), and
+    /// the operator's certificate from the same CA.
+    fn setup_server(&mut self, spec: &LabSpec, subnet: &Subnet) -> Result<()> {
+        let dir = self.dir.join("server");
+        std::fs::create_dir_all(&dir)?;
+        set_mode(&dir, 0o755)?;
+        let (host, netns, veth, port) = match self.mode {
+            Mode::Netns => {
+                let ns = format!("pgwl-{}-srv", self.name);
+                let veth = format!("pw{}s", self.name);
+                let host = subnet.addr(240);
+                let bridge = self.bridge.clone().context("no bridge")?;
+                net::add_host(&ns, &veth, &bridge, &host)?;
+                (host, Some(ns), Some(veth), 8440)
+            }
+            Mode::Loopback => ("127.0.0.1".to_string(), None, None, spec.base_port + 5),
+        };
+        let config = dir.join("server.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "# Written by pgwarden-lab.\nlisten = \"{host}:{port}\"\ndata_dir = \"{}\"\n\n[tls]\nhosts = [\"{host}\"]\n\n[agents]\nreport_interval = \"1s\"\ndown_after = \"5s\"\n",
+                dir.display()
+            ),
+        )?;
+        let cfg_s = config.display().to_string();
+        let init = Self::run_in(
+            None,
+            &spec.server_bin,
+            &["--config", &cfg_s, "init", "--json"],
+        )?;
+        let init: serde_json::Value = serde_json::from_str(&init).context("parse init's JSON")?;
+        let field = |k: &str| -> Result<String> {
+            init[k]
+                .as_str()
+                .map(String::from)
+                .with_context(|| format!("init did not print {k}"))
+        };
+        self.server = Some(LabServer {
+            host,
+            netns,
+            veth,
+            port,
+            config,
+            bin: spec.server_bin.clone(),
+            pid: None,
+            admin_user: field("admin_user")?,
+            admin_password: field("admin_password")?,
+            admin_token: field("admin_token")?,
+            ca_fingerprint: field("ca_fingerprint")?,
+            dir: dir.clone(),
+        });
+        self.save()?;
+        let pki = dir.join("pki").display().to_string();
+        let op = dir.join("operator").display().to_string();
+        Self::run_in(
+            None,
+            &self.agent_bin,
+            &[
+                "certs", "issue", "--ca-dir", &pki, "--name", "operator", "--out", &op,
+            ],
+        )?;
+        self.tls = Some(LabTls {
+            ca: dir.join("pki/ca.pem"),
+            cert: dir.join("operator/operator.pem"),
+            key: dir.join("operator/operator.key"),
+        });
+        self.save()
+    }
+
+    /// Starts the lab's server (in its namespace) and waits until it listens.
+    pub fn start_server(&mut self) -> Result<()> {
+        let s = self.server.clone().context("this lab has no server")?;
+        if s.pid.is_some_and(pid_alive) {
+            return Ok(());
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.dir.join("server.log"))
+            .context("open server.log")?;
+        let mut cmd = match &s.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&s.bin);
+                c
+            }
+            None => Command::new(&s.bin),
+        };
+        cmd.arg("--config")
+            .arg(&s.config)
+            .current_dir(&s.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("start {}", s.bin.display()))?;
+        let pid = child.id() as i32;
+        std::thread::spawn(move || {
+            let mut c = child;
+            let _ = c.wait();
+        });
+        if let Some(srv) = self.server.as_mut() {
+            srv.pid = Some(pid);
+        }
+        self.save()?;
+        let addr: std::net::SocketAddr = format!("{}:{}", s.host, s.port).parse()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok() {
+                return Ok(());
+            }
+            if !pid_alive(pid) {
+                bail!(
+                    "pgwarden-server exited; see {}",
+                    s.dir.join("server.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("pgwarden-server did not listen on {addr} within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the lab's server (SIGTERM, then SIGKILL).
+    pub fn stop_server(&mut self) -> Result<()> {
+        let s = self.server.clone().context("this lab has no server")?;
+        if let Some(pid) = s.pid {
+            if pid_alive(pid) {
+                kill(pid, libc::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while pid_alive(pid) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if pid_alive(pid) {
+                    kill(pid, libc::SIGKILL);
+                    wait_dead(pid);
+                }
+            }
+        }
+        if let Some(srv) = self.server.as_mut() {
+            srv.pid = None;
+        }
+        self.save()
+    }
+
+    /// Enrolls every agent: a join token each (made in the store), then `pgwarden-agent join`
+    /// on the node's host, which writes its certificate to the node's state directory.
+    fn enroll_agents(&mut self) -> Result<()> {
+        let s = self.server.clone().context("this lab has no server")?;
+        let cfg_s = s.config.display().to_string();
+        for n in self.nodes.clone() {
+            let out = Self::run_in(
+                None,
+                &s.bin,
+                &[
+                    "--config",
+                    &cfg_s,
+                    "join-token",
+                    "--cluster",
+                    &self.name,
+                    "--json",
+                ],
+            )?;
+            let v: serde_json::Value = serde_json::from_str(&out).context("join-token JSON")?;
+            let token = v["token"].as_str().context("no token")?;
+            Self::run_in(
+                n.netns.as_deref(),
+                &self.agent_bin,
+                &[
+                    "join",
+                    "--config",
+                    &n.config.display().to_string(),
+                    "--server",
+                    &s.url(),
+                    "--token",
+                    token,
+                    "--ca-fingerprint",
+                    &s.ca_fingerprint,
+                ],
+            )
+            .with_context(|| format!("enroll {}", n.name))?;
+        }
+        Ok(())
     }
 
     /// A lab CA, a certificate per node (valid for its address) and one for the operator,
@@ -661,6 +926,7 @@ log_line_prefix = "%m [%p] %q%a "
             rp = replication_password,
             endpoints = self.endpoint_config(n, spec),
             tls = match &self.tls {
+                Some(_) if self.server.is_some() => String::new(),
                 Some(t) => format!(
                     "\n[tls]\nca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
                     t.ca.display(),
@@ -883,6 +1149,15 @@ log_line_prefix = "%m [%p] %q%a "
                 net::del_host(ns, veth);
             }
         }
+        if let Some(s) = &self.server {
+            if let Some(pid) = s.pid.filter(|p| pid_alive(*p)) {
+                kill(pid, libc::SIGKILL);
+                wait_dead(pid);
+            }
+            if let (Some(ns), Some(veth)) = (&s.netns, &s.veth) {
+                net::del_host(ns, veth);
+            }
+        }
         if let Some(c) = &self.client {
             for pid in net::netns_pids(&c.netns) {
                 kill(pid, libc::SIGKILL);
@@ -943,6 +1218,8 @@ log_line_prefix = "%m [%p] %q%a "
             let node = &ns[prefix.len()..];
             let veth = if node == "client" {
                 format!("pw{name}c")
+            } else if node == "srv" {
+                format!("pw{name}s")
             } else {
                 format!("pw{name}{}", node.trim_start_matches('n'))
             };
@@ -1081,6 +1358,18 @@ log_line_prefix = "%m [%p] %q%a "
             "superuser_password": self.superuser_password,
             "nodes": nodes,
             "client": self.client,
+            "server": self.server.as_ref().map(|s| serde_json::json!({
+                "url": s.url(),
+                "host": s.host,
+                "pid": s.pid,
+                "ca_file": s.ca_file(),
+                "ca_fingerprint": s.ca_fingerprint,
+                "user": s.admin_user,
+                "password": s.admin_password,
+                "token": s.admin_token,
+                "config": s.config,
+                "log": s.dir.join("server.log"),
+            })),
             "vip": self.vip,
             "ec2": self.ec2.as_ref().map(|e| serde_json::json!({
                 "endpoint": e.endpoint,

@@ -61,7 +61,17 @@ enum Cmd {
         /// With --ec2: none, stop or reboot.
         #[arg(long, default_value = "stop")]
         fencing: String,
+        /// Also start pgwarden-server (SQLite) on its own host and enroll every agent with a
+        /// join token; the JSON gains `server` (url, admin user, password and API token).
+        #[arg(long)]
+        server: bool,
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
     },
+    /// Stop the lab's pgwarden-server.
+    StopServer,
+    /// Start the lab's pgwarden-server again.
+    StartServer,
     /// Print the lab's description with each node's live role and state.
     Status,
     /// Stop every process and remove every namespace, link and directory of the lab.
@@ -120,6 +130,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             vip,
             ec2,
             fencing,
+            server,
+            server_bin,
         } => {
             let mut spec = LabSpec::new(&cli.name);
             spec.dir = dir;
@@ -132,6 +144,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             spec.vip = vip;
             spec.ec2 = ec2;
             spec.fencing = fencing;
+            spec.server = server;
+            if let Some(b) = server_bin {
+                spec.server_bin = b;
+            }
             if let Some(a) = agent_bin {
                 spec.agent_bin = a;
             }
@@ -185,6 +201,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut lab = Lab::load(&dir)?;
             lab.fault(kind, &node)?;
             eprintln!("{kind:?} on {node}: done");
+        }
+        Cmd::StopServer => {
+            let mut lab = Lab::load(&dir)?;
+            lab.stop_server()?;
+            eprintln!("server stopped");
+        }
+        Cmd::StartServer => {
+            let mut lab = Lab::load(&dir)?;
+            lab.start_server()?;
+            eprintln!("server started");
         }
         Cmd::Ec2Hook { action, node } => {
             let mut lab = Lab::load(&dir)?;

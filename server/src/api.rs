@@ -103,7 +103,7 @@ pub fn router(app: Shared) -> Router {
         agent_report, agent_renew, healthz, readyz, metrics
     ),
     components(schemas(ProblemDoc)),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &ProblemResponses)
 )]
 pub struct ApiDoc;
 
@@ -116,6 +116,78 @@ impl utoipa::Modify for BearerAuth {
                 "bearer",
                 SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
             );
+        }
+    }
+}
+
+/// What the annotations cannot say once for every operation: error answers are
+/// `application/problem+json`; a JSON body that does not parse is a 400 and one sent without
+/// `Content-Type: application/json` a 415; and a property typed `Object` in place of an
+/// `Option<Value>` is also `null` when absent.
+struct ProblemResponses;
+impl utoipa::Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{Schema, SchemaType, Type};
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        const JSON: &str = "application/json";
+        const PROBLEM: &str = "application/problem+json";
+        let problem_ref = Ref::from_schema_name("ProblemDoc");
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                for resp in op.responses.responses.values_mut() {
+                    let RefOr::T(r) = resp else { continue };
+                    let is_problem = r.content.get(JSON).is_some_and(|c| {
+                        matches!(&c.schema, Some(RefOr::Ref(x)) if *x == problem_ref)
+                    });
+                    if is_problem {
+                        if let Some(c) = r.content.shift_remove(JSON) {
+                            r.content.insert(PROBLEM.into(), c);
+                        }
+                    }
+                }
+                if op.request_body.is_some() {
+                    for (code, what) in [
+                        ("400", "the body is not JSON"),
+                        ("415", "the body is not sent as application/json"),
+                    ] {
+                        op.responses
+                            .responses
+                            .entry(code.into())
+                            .or_insert_with(|| {
+                                ResponseBuilder::new()
+                                    .description(what)
+                                    .content(
+                                        PROBLEM,
+                                        ContentBuilder::new().schema(Some(problem_ref.clone())).build(),
+                                    )
+                                    .build()
+                                    .into()
+                            });
+                    }
+                }
+            }
+        }
+        if let Some(c) = openapi.components.as_mut() {
+            for s in c.schemas.values_mut() {
+                let RefOr::T(Schema::Object(o)) = s else { continue };
+                for (name, p) in o.properties.iter_mut() {
+                    if o.required.contains(name) {
+                        continue;
+                    }
+                    if let RefOr::T(Schema::Object(po)) = p {
+                        if po.schema_type == SchemaType::Type(Type::Object) {
+                            po.schema_type = SchemaType::Array(vec![Type::Object, Type::Null]);
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -166,3 +166,43 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
     tracing::info!(%addr, server_id = %app.server_id, backend = ?app.store.backend, "pgwarden-server listening");
     Ok(Running { addr, app, task })
 }
+
+/// A join token made directly in the store by `pgwarden-server join-token`.
+#[derive(Debug, serde::Serialize)]
+pub struct LocalJoinToken {
+    pub cluster: String,
+    pub token: String,
+    pub expires_ms: i64,
+    pub ca_fingerprint: String,
+}
+
+pub async fn local_join_token(
+    cfg: &ServerConfig,
+    cluster: &str,
+    ttl: std::time::Duration,
+) -> Result<LocalJoinToken> {
+    if !auth::valid_name(cluster) {
+        anyhow::bail!("--cluster {cluster:?}: 1 to 64 of letters, digits, . _ - @");
+    }
+    let store = Store::open(&cfg.database_url()).await?;
+    let pem = std::fs::read_to_string(cfg.ca_file())
+        .with_context(|| format!("read {} (run init first)", cfg.ca_file()))?;
+    let token = auth::new_join_token()?;
+    let expires_ms = store::now_ms() + ttl.as_millis() as i64;
+    store.create_cluster(cluster).await?;
+    store
+        .create_join_token(
+            &auth::random_hex(8)?,
+            cluster,
+            &auth::token_hash(&token),
+            "local:pgwarden-server join-token",
+            expires_ms,
+        )
+        .await?;
+    Ok(LocalJoinToken {
+        cluster: cluster.into(),
+        token,
+        expires_ms,
+        ca_fingerprint: pgwarden_pki::certs::fingerprint(&pem)?,
+    })
+}

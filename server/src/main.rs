@@ -28,6 +28,18 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Create a one-time join token directly in the store (for bootstrapping before any API
+    /// token is at hand; `pgwardenctl token create` does the same through the API).
+    JoinToken {
+        #[arg(long)]
+        cluster: String,
+        /// Lifetime, e.g. `1h`.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -82,6 +94,21 @@ fn main() -> ExitCode {
                         }
                         _ => println!("users exist already: none created"),
                     }
+                }
+                Ok(())
+            }
+            Some(Cmd::JoinToken { cluster, ttl, json }) => {
+                let ttl = pgwarden_core::duration::parse_duration(&ttl)
+                    .map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+                let out = pgwarden_server::local_join_token(&cfg, &cluster, ttl).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&out)?);
+                } else {
+                    println!("join token for cluster {cluster} (usable once): {}", out.token);
+                    println!(
+                        "pgwarden-agent join --server https://<this server>:<port> --token {} --ca-fingerprint {}",
+                        out.token, out.ca_fingerprint
+                    );
                 }
                 Ok(())
             }

@@ -361,7 +361,10 @@ impl Store {
                     }
                 }
                 let sep = if url.contains('?') { '&' } else { '?' };
-                (format!("{url}{sep}mode=rwc"), 4)
+                // One connection: SQLite has one writer at a time, and a transaction that
+                // reads before it writes fails at once ("database is locked") when another
+                // connection writes in between. The embedded store's load fits one connection.
+                (format!("{url}{sep}mode=rwc"), 1)
             }
             Backend::Postgres => (url.to_string(), 10),
         };

@@ -1,0 +1,367 @@
+//! The control plane end to end on a lab of real hosts: `pgwarden-lab up --server` starts
+//! pgwarden-server on its own host and enrolls every agent with a one-time join token; a used
+//! or expired token is refused; a switchover goes through the server to the agents' vote; and
+//! while the server is down the cluster fails over on its own, the agents keep their events,
+//! and the server's log afterwards holds every event of every agent once, in order.
+
+use pgwarden_lab::Fault;
+use pgwarden_tests::{require_root, spec, TestLab};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+struct Api {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+}
+
+impl Api {
+    fn of(t: &TestLab) -> Api {
+        let s = t.lab.server.as_ref().expect("the lab has a server");
+        Api {
+            http: pgwarden_pki::tls::client(
+                &s.ca_file().display().to_string(),
+                None,
+                Duration::from_secs(30),
+            )
+            .expect("client"),
+            url: s.url(),
+            token: s.admin_token.clone(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        match rb.send().await {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                let text = r.text().await.unwrap_or_default();
+                (
+                    s,
+                    serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                )
+            }
+            Err(e) => (0, Value::String(e.to_string())),
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (s, v) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(s, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Every event of `cluster`, through the cursor pages.
+    async fn all_events(&self, cluster: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self
+                .get(&format!(
+                    "/api/v1/events?cluster={cluster}&limit=1000{cursor}"
+                ))
+                .await;
+            out.extend(page["items"].as_array().cloned().unwrap_or_default());
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => return out,
+            }
+        }
+    }
+
+    async fn wait_command(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.get(&format!("/api/v1/commands/{id}")).await;
+            if matches!(
+                c["state"].as_str(),
+                Some("succeeded" | "failed" | "timed_out")
+            ) {
+                return c;
+            }
+            assert!(Instant::now() < deadline, "command {id} not finished: {c}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `pgwarden-agent join` on a node's host with a token; returns (exit code, stderr).
+fn join(t: &TestLab, node: &str, token: &str) -> (i32, String) {
+    let s = t.lab.server.as_ref().expect("server");
+    let n = t.lab.node(node).expect("node");
+    let argv: Vec<String> = [
+        t.lab.agent_bin.display().to_string(),
+        "join".into(),
+        "--config".into(),
+        n.config.display().to_string(),
+        "--server".into(),
+        s.url(),
+        "--token".into(),
+        token.into(),
+        "--ca-fingerprint".into(),
+        s.ca_fingerprint.clone(),
+        "--force".into(),
+    ]
+    .to_vec();
+    let out = t
+        .lab
+        .exec(node, &argv)
+        .expect("exec")
+        .output()
+        .expect("run join");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn local_join_token(t: &TestLab, ttl: &str) -> String {
+    let s = t.lab.server.as_ref().expect("server");
+    let out = std::process::Command::new(&s.bin)
+        .args([
+            "--config",
+            &s.config.display().to_string(),
+            "join-token",
+            "--cluster",
+            &t.lab.name,
+            "--ttl",
+            ttl,
+            "--json",
+        ])
+        .output()
+        .expect("join-token");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["token"].as_str().expect("token").to_string()
+}
+
+/// The ids in a node's own durable event log (`<state_dir>/events.jsonl`).
+fn local_event_ids(t: &TestLab, node: &str) -> BTreeSet<String> {
+    let n = t.lab.node(node).expect("node");
+    std::fs::read_to_string(n.dir.join("state/events.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| v["id"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_across_its_outage() {
+    if !require_root("server_e2e") {
+        return;
+    }
+    let mut s = spec(41, 3);
+    s.server = true;
+    let mut t = TestLab::up(s).await;
+    let api = Api::of(&t);
+    let cluster = t.lab.name.clone();
+
+    // Every agent enrolled with its own certificate and reports.
+    let certs = api.get("/api/v1/certificates").await;
+    let mut enrolled: Vec<&str> = certs
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["node"].as_str())
+        .collect();
+    enrolled.sort();
+    assert_eq!(enrolled, ["n1", "n2", "n3"], "{certs}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = api.get(&format!("/api/v1/clusters/{cluster}")).await;
+        let roles: BTreeMap<String, String> = c["nodes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| {
+                        (
+                            n["name"].as_str().unwrap_or("").to_string(),
+                            n["role"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if c["primary"] == "n1"
+            && roles.len() == 3
+            && roles.values().filter(|r| *r == "replica").count() == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server never saw the three nodes: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // A join token works once, and not after it expired.
+    let token = local_join_token(&t, "1h");
+    let (code, err) = join(&t, "n3", &token);
+    assert_eq!(code, 0, "a fresh token enrolls: {err}");
+    let (code, err) = join(&t, "n3", &token);
+    assert_eq!(code, 1);
+    assert!(err.contains("already used"), "{err}");
+    let short = local_join_token(&t, "1s");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, err) = join(&t, "n3", &short);
+    assert_eq!(code, 1);
+    assert!(err.contains("expired"), "{err}");
+
+    // A switchover through the server: the command reaches an agent, which hands it to the
+    // vote; its outcome and the agents' events come back.
+    let (s, c) = api
+        .call(
+            reqwest::Method::POST,
+            &format!("/api/v1/clusters/{cluster}/commands"),
+            Some(json!({"kind": "switchover", "args": {"candidate": "n2"}})),
+        )
+        .await;
+    assert_eq!(s, 202, "{c}");
+    let done = api
+        .wait_command(c["id"].as_str().expect("id"), Duration::from_secs(60))
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(
+        t.wait_new_primary("n1", Duration::from_secs(30)).await,
+        "n2"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (released, acquired, promoted) = loop {
+        let evs = api.all_events(&cluster).await;
+        let at = |node: &str, kind: &str| {
+            evs.iter()
+                .find(|e| e["node"] == node && e["type"] == kind)
+                .and_then(|e| e["ts_ms"].as_i64())
+        };
+        if let (Some(r), Some(a), Some(p)) = (
+            at("n1", "lease_released"),
+            at("n2", "lease_acquired"),
+            at("n2", "promoted"),
+        ) {
+            break (r, a, p);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "switchover events missing on the server"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        released <= acquired && acquired <= promoted,
+        "in order: {released} {acquired} {promoted}"
+    );
+
+    // The server goes away; the primary's host dies; the agents fail over by themselves.
+    t.lab.stop_server().expect("stop server");
+    t.lab.fault(Fault::StopNode, "n2").expect("stop n2");
+    let new = t.wait_new_primary("n2", Duration::from_secs(60)).await;
+    t.exec(&new, "CREATE TABLE after_failover (x int)")
+        .await
+        .expect("write");
+    // The server returns while n2 is still down: it notices n2 is gone.
+    t.lab.start_server().expect("start server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let evs = api.all_events(&cluster).await;
+        if evs
+            .iter()
+            .any(|e| e["node"] == "n2" && e["type"] == "agent_down")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n2 never marked down");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    t.lab.fault(Fault::StartNode, "n2").expect("start n2");
+    t.wait_streaming_from(&new, Duration::from_secs(90)).await;
+
+    // Every event each agent wrote is on the server once, nothing more, nothing missing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let evs = loop {
+        let evs = api.all_events(&cluster).await;
+        let on_server: BTreeSet<String> = evs
+            .iter()
+            .filter_map(|e| e["id"].as_str())
+            .filter(|id| !id.starts_with("server-"))
+            .map(String::from)
+            .collect();
+        let local: BTreeSet<String> = ["n1", "n2", "n3"]
+            .iter()
+            .flat_map(|n| local_event_ids(&t, n))
+            .collect();
+        if local.is_subset(&on_server) {
+            assert_eq!(
+                on_server, local,
+                "the server holds exactly the agents' events"
+            );
+            break evs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events missing on the server: {:?}",
+            local.difference(&on_server).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let ids: Vec<&str> = evs.iter().filter_map(|e| e["id"].as_str()).collect();
+    let unique: BTreeSet<&&str> = ids.iter().collect();
+    assert_eq!(ids.len(), unique.len(), "no event twice");
+    // Per agent run (`<node>-<start>-<seq>`): sequence numbers 1, 2, 3 … without a gap, and in
+    // the log's time order.
+    let mut runs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for id in ids.iter().filter(|id| !id.starts_with("server-")) {
+        let (run, seq) = id.rsplit_once('-').expect("id");
+        runs.entry(run.to_string())
+            .or_default()
+            .push(seq.parse().expect("seq"));
+    }
+    for (run, seqs) in &runs {
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, &want, "{run}: events in order, no gaps");
+    }
+    assert!(
+        runs.keys().filter(|r| r.starts_with("n2-")).count() >= 2,
+        "n2's run before and after its restart"
+    );
+    // The failover happened while the server was down, and is there.
+    let promoted: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "promoted" && e["node"] == new.as_str())
+        .collect();
+    assert!(!promoted.is_empty(), "{new}'s promotion is in the log");
+    let down = evs
+        .iter()
+        .position(|e| e["node"] == "n2" && e["type"] == "agent_down")
+        .expect("down");
+    let up = evs
+        .iter()
+        .position(|e| e["node"] == "n2" && e["type"] == "agent_up")
+        .expect("n2 back up");
+    assert!(down < up);
+    let records = api
+        .get(&format!("/api/v1/clusters/{cluster}/failovers"))
+        .await;
+    let kinds: Vec<&str> = records
+        .as_array()
+        .expect("records")
+        .iter()
+        .filter_map(|r| r["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"switchover") && kinds.contains(&"failover"),
+        "records fetched from the agents: {kinds:?}"
+    );
+}
