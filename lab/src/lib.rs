@@ -59,6 +59,11 @@ pub struct LabSpec {
     /// token (its certificates come from the server's CA).
     pub server: bool,
     pub server_bin: PathBuf,
+    /// With `server`: the store's URL instead of the embedded SQLite file.
+    pub server_database_url: Option<String>,
+    /// With `server` and a PostgreSQL store: a second server on its own host, on the same
+    /// store and CA (agents report to the first).
+    pub second_server: bool,
 }
 
 impl LabSpec {
@@ -86,6 +91,8 @@ impl LabSpec {
             fencing: "stop".into(),
             server: false,
             server_bin: default_server_bin(),
+            server_database_url: None,
+            second_server: false,
         }
     }
 }
@@ -136,6 +143,9 @@ pub struct Lab {
     /// The control plane, when the lab was made with `server`.
     #[serde(default)]
     pub server: Option<LabServer>,
+    /// A second server on the same store, when the lab was made with `second_server`.
+    #[serde(default)]
+    pub second_server: Option<LabServer>,
 }
 
 /// The lab's `pgwarden-server`: its host, files, process and first admin.
@@ -326,6 +336,7 @@ impl Lab {
             vip: None,
             ec2: None,
             server: None,
+            second_server: None,
         };
         if (spec.vip.is_some() || spec.ec2) && spec.mode != Mode::Netns {
             bail!("--vip and --ec2 need network namespaces: run the lab as root");
@@ -465,25 +476,58 @@ impl Lab {
         let dir = self.dir.join("server");
         std::fs::create_dir_all(&dir)?;
         set_mode(&dir, 0o755)?;
-        let (host, netns, veth, port) = match self.mode {
-            Mode::Netns => {
-                let ns = format!("pgwl-{}-srv", self.name);
-                let veth = format!("pw{}s", self.name);
-                let host = subnet.addr(240);
-                let bridge = self.bridge.clone().context("no bridge")?;
-                net::add_host(&ns, &veth, &bridge, &host)?;
-                (host, Some(ns), Some(veth), 8440)
-            }
-            Mode::Loopback => ("127.0.0.1".to_string(), None, None, spec.base_port + 5),
+        if spec.second_server && (spec.server_database_url.is_none() || self.mode != Mode::Netns) {
+            bail!("a second server needs a PostgreSQL store and network namespaces");
+        }
+        let host_for = |lab: &Lab,
+                        suffix: &str,
+                        veth: &str,
+                        ip: u8,
+                        port: u16|
+         -> Result<(String, Option<String>, Option<String>, u16)> {
+            Ok(match lab.mode {
+                Mode::Netns => {
+                    let ns = format!("pgwl-{}-{suffix}", lab.name);
+                    let veth = format!("pw{}{veth}", lab.name);
+                    let host = subnet.addr(ip);
+                    let bridge = lab.bridge.clone().context("no bridge")?;
+                    net::add_host(&ns, &veth, &bridge, &host)?;
+                    (host, Some(ns), Some(veth), 8440)
+                }
+                Mode::Loopback => ("127.0.0.1".to_string(), None, None, port),
+            })
+        };
+        let (host, netns, veth, port) = host_for(self, "srv", "s", 240, spec.base_port + 5)?;
+        let second = if spec.second_server {
+            Some(host_for(self, "srv2", "t", 241, spec.base_port + 6)?)
+        } else {
+            None
+        };
+        let hosts = match &second {
+            Some(s2) => format!("\"{host}\", \"{}\"", s2.0),
+            None => format!("\"{host}\""),
+        };
+        let write_config = |path: &Path, host: &str, port: u16| -> Result<()> {
+            let db = spec
+                .server_database_url
+                .as_ref()
+                .map(|u| format!("database_url = \"{u}\"\n"))
+                .unwrap_or_default();
+            std::fs::write(
+                path,
+                format!(
+                    "# Written by pgwarden-lab.\nlisten = \"{host}:{port}\"\ndata_dir = \"{}\"\n{db}\n[tls]\nhosts = [{hosts}]\n\n[agents]\nreport_interval = \"1s\"\ndown_after = \"5s\"\n",
+                    dir.display()
+                ),
+            )?;
+            Ok(())
         };
         let config = dir.join("server.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "# Written by pgwarden-lab.\nlisten = \"{host}:{port}\"\ndata_dir = \"{}\"\n\n[tls]\nhosts = [\"{host}\"]\n\n[agents]\nreport_interval = \"1s\"\ndown_after = \"5s\"\n",
-                dir.display()
-            ),
-        )?;
+        write_config(&config, &host, port)?;
+        let second_config = dir.join("server2.toml");
+        if let Some(s2) = &second {
+            write_config(&second_config, &s2.0, s2.3)?;
+        }
         let cfg_s = config.display().to_string();
         let init = Self::run_in(
             None,
@@ -511,6 +555,17 @@ impl Lab {
             ca_fingerprint: field("ca_fingerprint")?,
             dir: dir.clone(),
         });
+        if let (Some(first), Some((host, netns, veth, port))) = (self.server.clone(), second) {
+            self.second_server = Some(LabServer {
+                host,
+                netns,
+                veth,
+                port,
+                config: second_config,
+                pid: None,
+                ..first
+            });
+        }
         self.save()?;
         let pki = dir.join("pki").display().to_string();
         let op = dir.join("operator").display().to_string();
@@ -529,16 +584,35 @@ impl Lab {
         self.save()
     }
 
-    /// Starts the lab's server (in its namespace) and waits until it listens.
+    /// Starts the lab's servers (each in its namespace) and waits until they listen.
     pub fn start_server(&mut self) -> Result<()> {
-        let s = self.server.clone().context("this lab has no server")?;
+        self.start_one_server(false)?;
+        if self.second_server.is_some() {
+            self.start_one_server(true)?;
+        }
+        Ok(())
+    }
+
+    fn slot(&mut self, second: bool) -> &mut Option<LabServer> {
+        if second {
+            &mut self.second_server
+        } else {
+            &mut self.server
+        }
+    }
+
+    fn start_one_server(&mut self, second: bool) -> Result<()> {
+        let s = self
+            .slot(second)
+            .clone()
+            .context("this lab has no server")?;
         if s.pid.is_some_and(pid_alive) {
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(s.dir.join("server.log"))
+            .open(s.config.with_extension("log"))
             .context("open server.log")?;
         let mut cmd = match &s.netns {
             Some(ns) => {
@@ -564,7 +638,7 @@ impl Lab {
             let mut c = child;
             let _ = c.wait();
         });
-        if let Some(srv) = self.server.as_mut() {
+        if let Some(srv) = self.slot(second).as_mut() {
             srv.pid = Some(pid);
         }
         self.save()?;
@@ -577,7 +651,7 @@ impl Lab {
             if !pid_alive(pid) {
                 bail!(
                     "pgwarden-server exited; see {}",
-                    s.dir.join("server.log").display()
+                    s.config.with_extension("log").display()
                 );
             }
             if Instant::now() > deadline {
@@ -587,9 +661,19 @@ impl Lab {
         }
     }
 
-    /// Stops the lab's server (SIGTERM, then SIGKILL).
+    /// Stops the lab's servers (SIGTERM, then SIGKILL).
     pub fn stop_server(&mut self) -> Result<()> {
-        let s = self.server.clone().context("this lab has no server")?;
+        if self.second_server.is_some() {
+            self.stop_one_server(true)?;
+        }
+        self.stop_one_server(false)
+    }
+
+    fn stop_one_server(&mut self, second: bool) -> Result<()> {
+        let s = self
+            .slot(second)
+            .clone()
+            .context("this lab has no server")?;
         if let Some(pid) = s.pid {
             if pid_alive(pid) {
                 kill(pid, libc::SIGTERM);
@@ -603,7 +687,7 @@ impl Lab {
                 }
             }
         }
-        if let Some(srv) = self.server.as_mut() {
+        if let Some(srv) = self.slot(second).as_mut() {
             srv.pid = None;
         }
         self.save()
@@ -1149,7 +1233,7 @@ log_line_prefix = "%m [%p] %q%a "
                 net::del_host(ns, veth);
             }
         }
-        if let Some(s) = &self.server {
+        for s in self.server.iter().chain(self.second_server.iter()) {
             if let Some(pid) = s.pid.filter(|p| pid_alive(*p)) {
                 kill(pid, libc::SIGKILL);
                 wait_dead(pid);
@@ -1220,6 +1304,8 @@ log_line_prefix = "%m [%p] %q%a "
                 format!("pw{name}c")
             } else if node == "srv" {
                 format!("pw{name}s")
+            } else if node == "srv2" {
+                format!("pw{name}t")
             } else {
                 format!("pw{name}{}", node.trim_start_matches('n'))
             };
@@ -1369,6 +1455,12 @@ log_line_prefix = "%m [%p] %q%a "
                 "token": s.admin_token,
                 "config": s.config,
                 "log": s.dir.join("server.log"),
+            })),
+            "second_server": self.second_server.as_ref().map(|s| serde_json::json!({
+                "url": s.url(),
+                "host": s.host,
+                "pid": s.pid,
+                "config": s.config,
             })),
             "vip": self.vip,
             "ec2": self.ec2.as_ref().map(|e| serde_json::json!({

@@ -122,8 +122,8 @@ impl utoipa::Modify for BearerAuth {
 
 /// What the annotations cannot say once for every operation: error answers are
 /// `application/problem+json`; a JSON body that does not parse is a 400 and one sent without
-/// `Content-Type: application/json` a 415; and a property typed `Object` in place of an
-/// `Option<Value>` is also `null` when absent.
+/// `Content-Type: application/json` a 415; and an `Option<Value>` documented as `Object` is
+/// also `null`.
 struct ProblemResponses;
 impl utoipa::Modify for ProblemResponses {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
@@ -143,9 +143,9 @@ impl utoipa::Modify for ProblemResponses {
             for op in ops.into_iter().flatten() {
                 for resp in op.responses.responses.values_mut() {
                     let RefOr::T(r) = resp else { continue };
-                    let is_problem = r.content.get(JSON).is_some_and(|c| {
-                        matches!(&c.schema, Some(RefOr::Ref(x)) if *x == problem_ref)
-                    });
+                    let is_problem = r.content.get(JSON).is_some_and(
+                        |c| matches!(&c.schema, Some(RefOr::Ref(x)) if *x == problem_ref),
+                    );
                     if is_problem {
                         if let Some(c) = r.content.shift_remove(JSON) {
                             r.content.insert(PROBLEM.into(), c);
@@ -165,7 +165,9 @@ impl utoipa::Modify for ProblemResponses {
                                     .description(what)
                                     .content(
                                         PROBLEM,
-                                        ContentBuilder::new().schema(Some(problem_ref.clone())).build(),
+                                        ContentBuilder::new()
+                                            .schema(Some(problem_ref.clone()))
+                                            .build(),
                                     )
                                     .build()
                                     .into()
@@ -174,17 +176,13 @@ impl utoipa::Modify for ProblemResponses {
                 }
             }
         }
+        // `Option<serde_json::Value>` fields documented as `value_type = Object`: null until set.
+        let nullable = [("CommandRow", "result"), ("ConfigChange", "before")];
         if let Some(c) = openapi.components.as_mut() {
-            for s in c.schemas.values_mut() {
-                let RefOr::T(Schema::Object(o)) = s else { continue };
-                for (name, p) in o.properties.iter_mut() {
-                    if o.required.contains(name) {
-                        continue;
-                    }
-                    if let RefOr::T(Schema::Object(po)) = p {
-                        if po.schema_type == SchemaType::Type(Type::Object) {
-                            po.schema_type = SchemaType::Array(vec![Type::Object, Type::Null]);
-                        }
+            for (schema, field) in nullable {
+                if let Some(RefOr::T(Schema::Object(o))) = c.schemas.get_mut(schema) {
+                    if let Some(RefOr::T(Schema::Object(p))) = o.properties.get_mut(field) {
+                        p.schema_type = SchemaType::Array(vec![Type::Object, Type::Null]);
                     }
                 }
             }
@@ -1006,7 +1004,8 @@ async fn get_config(
 #[utoipa::path(patch, path = "/api/v1/clusters/{cluster}/config", security(("bearer" = [])),
     params(("cluster" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body(content = Object, description = "a configuration patch: parameters (null removes), pg_hba, ttl, synchronous_mode, …"),
-    responses((status = 202, body = CommandRow), (status = 403, body = ProblemDoc), (status = 422, body = ProblemDoc), (status = 503, body = ProblemDoc)))]
+    responses((status = 202, body = CommandRow), (status = 200, description = "the command already made with this Idempotency-Key", body = CommandRow),
+        (status = 403, body = ProblemDoc), (status = 404, body = ProblemDoc), (status = 422, body = ProblemDoc), (status = 503, body = ProblemDoc)))]
 async fn patch_config(
     Authed(a): Operator,
     State(app): State<Shared>,

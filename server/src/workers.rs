@@ -44,6 +44,15 @@ pub async fn command_pass(app: &Shared) -> Result<()> {
         {
             continue; // another server has it
         }
+        // The list was read before the claim: another server may have handled the command
+        // in between (delivered it, say). Act on what the store says now.
+        let Some(c) = app.store.command(&c.id).await? else {
+            continue;
+        };
+        if c.state.is_final() {
+            app.store.release_command(&c.id, &app.server_id).await?;
+            continue;
+        }
         let app2 = app.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(&app2, &c).await {

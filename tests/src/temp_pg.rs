@@ -31,6 +31,15 @@ fn free_port() -> Result<u16> {
 
 impl TempPostgres {
     pub fn start(name: &str) -> Result<TempPostgres> {
+        TempPostgres::start_on(name, false)
+    }
+
+    /// Also reachable from the lab hosts (10.77.0.0/16, through a lab bridge's address).
+    pub fn start_for_labs(name: &str) -> Result<TempPostgres> {
+        TempPostgres::start_on(name, true)
+    }
+
+    fn start_on(name: &str, labs: bool) -> Result<TempPostgres> {
         let bin = pgwarden_lab::LabSpec::new("store").pg_bin;
         if !bin.join("initdb").is_file() {
             bail!(
@@ -69,6 +78,19 @@ impl TempPostgres {
                 "--no-sync",
             ],
         )?;
+        let listen = if labs {
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(format!("{}/pg_hba.conf", pg.data()))
+                .and_then(|mut f| {
+                    use std::io::Write;
+                    writeln!(f, "host all all 10.77.0.0/16 trust")
+                })
+                .context("pg_hba.conf")?;
+            "*"
+        } else {
+            "127.0.0.1"
+        };
         pg.run(
             "pg_ctl",
             &[
@@ -79,7 +101,7 @@ impl TempPostgres {
                 "-w",
                 "-o",
                 &format!(
-                    "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+                    "-p {} -c listen_addresses={listen} -k {} -c fsync=off",
                     pg.port,
                     pg.dir.display()
                 ),

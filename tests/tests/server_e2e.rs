@@ -365,3 +365,118 @@ async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_acros
         "records fetched from the agents: {kinds:?}"
     );
 }
+
+/// Two servers on one PostgreSQL store, both taking commands and both delivering: each
+/// command reaches an agent once and runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgresql_store_deliver_each_command_exactly_once() {
+    if !require_root("server_e2e two servers") {
+        return;
+    }
+    let pg = pgwarden_tests::temp_pg::TempPostgres::start_for_labs("two").expect("PostgreSQL");
+    pg.create_db("pgwarden").expect("createdb");
+    let mut s = spec(42, 3);
+    // The lab hosts reach this machine's PostgreSQL at the lab bridge's address.
+    let bridge_ip = s.subnet.replace(".0/24", ".1");
+    s.server = true;
+    s.second_server = true;
+    s.server_database_url = Some(format!(
+        "postgres://postgres@{bridge_ip}:{}/pgwarden",
+        pg.port
+    ));
+    let mut t = TestLab::up(s).await;
+    let first = Api::of(&t);
+    let second = Api {
+        url: t.lab.second_server.as_ref().expect("second server").url(),
+        http: first.http.clone(),
+        token: first.token.clone(),
+    };
+    let cluster = t.lab.name.clone();
+    // Both answer from the same store.
+    assert_eq!(
+        first.get("/api/v1/certificates").await,
+        second.get("/api/v1/certificates").await
+    );
+
+    // Commands for n3 while its agent is down: both servers keep trying to deliver them.
+    // When the agent is back, both race for every one of them.
+    t.lab
+        .fault(Fault::KillAgent, "n3")
+        .expect("kill n3's agent");
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let api = if i % 2 == 0 { &first } else { &second };
+        let (st, c) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v1/clusters/{cluster}/commands"),
+                Some(json!({"kind": "restart", "node": "n3"})),
+            )
+            .await;
+        assert_eq!(st, 202, "{c}");
+        ids.push(c["id"].as_str().expect("id").to_string());
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &ids {
+        let c = first.get(&format!("/api/v1/commands/{id}")).await;
+        assert_eq!(c["state"], "queued", "{c}");
+        assert!(
+            c["attempts"].as_i64().unwrap_or(0) >= 2,
+            "the servers kept trying: {c}"
+        );
+    }
+    t.lab.start_agent("n3").expect("start n3's agent");
+    for id in &ids {
+        let c = first.wait_command(id, Duration::from_secs(180)).await;
+        assert!(
+            matches!(c["state"].as_str(), Some("succeeded" | "failed")),
+            "the agent answered: {c}"
+        );
+        assert_eq!(c["delivered_to"], "n3");
+    }
+    // Each command was posted to exactly one agent, once, and started once.
+    let mut posted: BTreeMap<String, u64> = BTreeMap::new();
+    for n in ["n3"] {
+        let list = t.api_get(n, "/v1/commands").await;
+        for c in list.as_array().expect("commands") {
+            *posted
+                .entry(c["id"].as_str().unwrap_or("").to_string())
+                .or_default() += c["deliveries"].as_u64().unwrap_or(0);
+        }
+    }
+    let mut started: BTreeMap<String, usize> = BTreeMap::new();
+    for n in ["n1", "n2", "n3"] {
+        for e in t.events(n) {
+            if e["kind"] == "command_started" {
+                for id in &ids {
+                    if e["message"].as_str().unwrap_or("").contains(id.as_str()) {
+                        *started.entry(id.clone()).or_default() += 1;
+                    }
+                }
+            }
+        }
+    }
+    for id in &ids {
+        assert_eq!(posted.get(id), Some(&1), "{id} delivered once: {posted:?}");
+        assert_eq!(started.get(id), Some(&1), "{id} started once");
+    }
+    // Each server counted only its own deliveries: together, ten.
+    let mut delivered = 0;
+    for api in [&first, &second] {
+        let m = api
+            .http
+            .get(format!("{}/metrics", api.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        delivered += m
+            .lines()
+            .find_map(|l| l.strip_prefix("pgwarden_server_commands_delivered_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("the delivery counter");
+    }
+    assert_eq!(delivered, 10);
+}
