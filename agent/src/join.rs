@@ -269,6 +269,74 @@ pub async fn join(cfg: &AgentConfig, args: &JoinArgs) -> Result<Joined> {
     })
 }
 
+/// Rotates this node's certificate: a new key and request, authenticated by the current
+/// certificate (`POST /api/v1/agent/renew` on the server enrolled with). The current files are
+/// kept as `node.pem.old` and `node.key.old`. Returns the new certificate's fingerprint; the
+/// agent uses it from its next start.
+pub async fn renew(cfg: &AgentConfig) -> Result<String> {
+    let state_dir = PathBuf::from(&cfg.node.state_dir);
+    let server = read_server_file(&state_dir)?.ok_or_else(|| {
+        anyhow!(
+            "this node was not enrolled ({} is missing): run join first",
+            server_file(&state_dir).display()
+        )
+    })?;
+    let dir = tls_dir(&state_dir);
+    let (ca_path, cert_path, key_path) = (
+        dir.join("ca.pem"),
+        dir.join("node.pem"),
+        dir.join("node.key"),
+    );
+    let s = |p: &Path| p.display().to_string();
+    let client = pgwarden_pki::tls::client(
+        &s(&ca_path),
+        Some((&s(&cert_path), &s(&key_path))),
+        Duration::from_secs(30),
+    )?;
+    let (key_pem, csr_pem) =
+        pgwarden_pki::certs::new_request(&cfg.node.name, std::slice::from_ref(&cfg.me().host))
+            .context("make the certificate request")?;
+    let url = format!("{}/api/v1/agent/renew", server.url.trim_end_matches('/'));
+    let r = client
+        .post(&url)
+        .json(&pgwarden_core::control::RenewRequest { csr_pem })
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let code = r.status();
+    let body = r
+        .text()
+        .await
+        .with_context(|| format!("read the answer of {url}"))?;
+    if !code.is_success() {
+        bail!(
+            "the server refused the renewal ({code}): {}",
+            problem_detail(&body)
+        );
+    }
+    let resp: EnrollResponse = serde_json::from_str(&body)
+        .with_context(|| format!("{url}: not an enrollment response"))?;
+    if resp.node != cfg.node.name || resp.cluster != cfg.cluster.name {
+        bail!(
+            "the server renewed {:?}/{:?}, not this node",
+            resp.cluster,
+            resp.node
+        );
+    }
+    let ca = pgwarden_pki::certs::fingerprint(&resp.ca_pem).context("the response's CA")?;
+    if !same_fingerprint(&ca, &server.ca_fingerprint) {
+        bail!("the renewal names another CA ({ca})");
+    }
+    let fingerprint =
+        pgwarden_pki::certs::fingerprint(&resp.cert_pem).context("the new certificate")?;
+    std::fs::copy(&cert_path, dir.join("node.pem.old")).context("keep node.pem")?;
+    let old_key = std::fs::read_to_string(&key_path).context("read node.key")?;
+    pgwarden_pki::certs::write_private(&dir.join("node.key.old"), &old_key)?;
+    pgwarden_pki::certs::write_private(&key_path, &key_pem)?;
+    crate::sys::write_durable(&cert_path, resp.cert_pem.as_bytes(), 0o644)?;
+    Ok(fingerprint)
+}
+
 fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()

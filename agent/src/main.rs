@@ -56,6 +56,13 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Rotate this node's certificate with the control plane it enrolled with (the current
+    /// certificate authenticates the request). Restart the agent afterwards.
+    RenewCert {
+        /// Configuration file (default: the global --config).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// The lease guard (started by the agent): stops a writable PostgreSQL when the lease
     /// deadline passes while the agent is dead.
     #[command(hide = true)]
@@ -87,6 +94,39 @@ enum CertsCmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+fn renew_cmd(config: &Path) -> ExitCode {
+    let file = config.display().to_string();
+    let cfg = match std::fs::read_to_string(config)
+        .map_err(|e| format!("{file}: cannot read: {e}"))
+        .and_then(|t| AgentConfig::parse(&t, &file).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let res = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(pgwarden_agent::join::renew(&cfg)));
+    match res {
+        Ok(fp) => {
+            println!(
+                "new certificate for {}: SHA-256 fingerprint {fp}",
+                cfg.node.name
+            );
+            println!("restart the agent to use it, then revoke the old one");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn join_cmd(config: &Path, args: pgwarden_agent::join::JoinArgs) -> ExitCode {
@@ -239,6 +279,9 @@ fn main() -> ExitCode {
                 force,
             };
             return join_cmd(config.as_deref().unwrap_or(&cli.config), args);
+        }
+        Some(Cmd::RenewCert { config }) => {
+            return renew_cmd(config.as_deref().unwrap_or(&cli.config));
         }
         Some(Cmd::Guard {
             state_dir,

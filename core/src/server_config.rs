@@ -292,6 +292,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_deploy_parses() {
+        let text = include_str!("../../deploy/examples/server.toml");
+        let c = ServerConfig::parse(text, "deploy/examples/server.toml").expect("example");
+        assert_eq!(c.tls.hosts, vec!["pgwarden.example.net", "10.0.1.5"]);
+        assert_eq!(c.commands.timeout, ConfDuration::secs(300));
+    }
+
+    #[test]
     fn errors_name_the_file_line_and_key() {
         let e = ServerConfig::parse("listen = \"x\"\n", "s.toml").expect_err("bad listen");
         assert_eq!(

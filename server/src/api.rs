@@ -240,6 +240,7 @@ pub struct LoginRequest {
     pub user: String,
     pub password: String,
     /// Lifetime of the session token (`12h` by default).
+    #[schema(pattern = "^[0-9]+(ms|s|m|min|h|d)?$")]
     pub ttl: Option<String>,
 }
 
@@ -649,6 +650,7 @@ async fn stream_events(_v: Viewer, State(app): State<Shared>, req: Request) -> R
 #[serde(deny_unknown_fields)]
 pub struct CreateCommand {
     /// `switchover`, `failover`, `restart`, `reinitialize`, `pause`, `resume` or `config`.
+    #[schema(pattern = "^(switchover|failover|restart|reinitialize|pause|resume|config)$")]
     pub kind: String,
     /// The node a restart or reinitialization acts on.
     pub node: Option<String>,
@@ -657,9 +659,11 @@ pub struct CreateCommand {
     /// absent otherwise.
     #[schema(value_type = Object)]
     pub args: Option<serde_json::Value>,
-    /// How long to wait for the outcome (`5m` by default).
+    /// How long to wait for the outcome (`5m` by default, at least `1s`).
+    #[schema(pattern = "^[0-9]+(ms|s|m|min|h|d)?$")]
     pub timeout: Option<String>,
     /// Alternative to the `Idempotency-Key` header.
+    #[schema(min_length = 1, max_length = 200)]
     pub idempotency_key: Option<String>,
 }
 
@@ -712,7 +716,7 @@ fn check_args(kind: CommandKind, args: &serde_json::Value) -> Result<(), Respons
     params(("cluster" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body = CreateCommand,
     responses((status = 202, body = CommandRow), (status = 200, body = CommandRow),
-        (status = 403, body = ProblemDoc), (status = 404, body = ProblemDoc), (status = 422, body = ProblemDoc)))]
+        (status = 403, body = ProblemDoc), (status = 404, body = ProblemDoc), (status = 409, body = ProblemDoc), (status = 422, body = ProblemDoc)))]
 async fn create_command(
     Authed(a): Operator,
     State(app): State<Shared>,
@@ -1005,7 +1009,7 @@ async fn get_config(
     params(("cluster" = String, Path), ("Idempotency-Key" = Option<String>, Header)),
     request_body(content = Object, description = "a configuration patch: parameters (null removes), pg_hba, ttl, synchronous_mode, …"),
     responses((status = 202, body = CommandRow), (status = 200, description = "the command already made with this Idempotency-Key", body = CommandRow),
-        (status = 403, body = ProblemDoc), (status = 404, body = ProblemDoc), (status = 422, body = ProblemDoc), (status = 503, body = ProblemDoc)))]
+        (status = 403, body = ProblemDoc), (status = 404, body = ProblemDoc), (status = 409, body = ProblemDoc), (status = 422, body = ProblemDoc), (status = 503, body = ProblemDoc)))]
 async fn patch_config(
     Authed(a): Operator,
     State(app): State<Shared>,
@@ -1136,10 +1140,12 @@ async fn failovers(_v: Viewer, State(app): State<Shared>, Path(cluster): Path<St
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// What the token is for.
+    #[schema(min_length = 1, max_length = 100)]
     pub name: String,
     /// Admins may create a token for another user.
     pub user: Option<String>,
     /// Lifetime (`30d`); no expiry when absent.
+    #[schema(pattern = "^[0-9]+(ms|s|m|min|h|d)?$")]
     pub ttl: Option<String>,
 }
 
@@ -1208,8 +1214,10 @@ async fn delete_token(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateJoinToken {
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     pub cluster: String,
     /// Lifetime (`1h` by default).
+    #[schema(pattern = "^[0-9]+(ms|s|m|min|h|d)?$")]
     pub ttl: Option<String>,
 }
 
@@ -1298,17 +1306,22 @@ async fn delete_join_token(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateUser {
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     pub name: String,
     /// `viewer`, `operator` or `admin`.
+    #[schema(pattern = "^(viewer|operator|admin)$")]
     pub role: String,
     /// At least 12 characters; without one the user can only use API tokens.
+    #[schema(min_length = 12)]
     pub password: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
+    #[schema(pattern = "^(viewer|operator|admin)$")]
     pub role: Option<String>,
+    #[schema(min_length = 12)]
     pub password: Option<String>,
     pub disabled: Option<bool>,
 }
@@ -1502,7 +1515,9 @@ async fn enroll_ca(State(app): State<Shared>) -> Response {
 #[derive(Serialize, Deserialize, ToSchema)]
 struct EnrollRequestDoc {
     token: String,
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     cluster: String,
+    #[schema(pattern = "^[A-Za-z0-9._@-]{1,64}$")]
     node: String,
     csr_pem: String,
 }

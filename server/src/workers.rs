@@ -117,6 +117,15 @@ async fn deliver(app: &Shared, c: &CommandRow) -> Result<()> {
     };
     let mut errors = Vec::new();
     for n in targets(c, &nodes) {
+        // Renew the claim before each try: a try may take the client's whole timeout.
+        let now = now_ms();
+        if !app
+            .store
+            .claim_command(&c.id, &app.server_id, now + CLAIM_MS, now)
+            .await?
+        {
+            return Ok(());
+        }
         app.store.count_attempt(&c.id).await?;
         let url = format!("{}/v1/commands", n.api_url.trim_end_matches('/'));
         match app.agents.post(&url).json(&body).send().await {

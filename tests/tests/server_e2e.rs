@@ -220,6 +220,73 @@ async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_acros
     assert_eq!(code, 1);
     assert!(err.contains("expired"), "{err}");
 
+    // Rotation: n3 gets a new certificate with its current one, restarts with it, and the
+    // older ones are revoked; n3 goes on reporting.
+    let n3 = t.lab.node("n3").expect("n3").clone();
+    let argv: Vec<String> = vec![
+        t.lab.agent_bin.display().to_string(),
+        "renew-cert".into(),
+        "--config".into(),
+        n3.config.display().to_string(),
+    ];
+    let out = t
+        .lab
+        .exec("n3", &argv)
+        .expect("exec")
+        .output()
+        .expect("renew");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new_fp = pgwarden_pki::certs::fingerprint(
+        &std::fs::read_to_string(n3.dir.join("state/tls/node.pem")).expect("node.pem"),
+    )
+    .expect("fingerprint");
+    t.lab
+        .fault(Fault::KillAgent, "n3")
+        .expect("kill n3's agent");
+    t.lab.start_agent("n3").expect("restart n3's agent");
+    let certs = api.get("/api/v1/certificates").await;
+    let old: Vec<String> = certs
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|c| c["node"] == "n3" && c["fingerprint"] != new_fp.as_str())
+        .filter_map(|c| c["fingerprint"].as_str().map(String::from))
+        .collect();
+    assert_eq!(
+        old.len(),
+        2,
+        "the lab's enrollment and the one above: {certs}"
+    );
+    for fp in &old {
+        let (s, v) = api
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/v1/certificates/{fp}/revoke"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let since = pgwarden_server::store::now_ms();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = api
+            .get(&format!("/api/v1/clusters/{cluster}/nodes/n3"))
+            .await;
+        if n["last_report_ms"].as_i64().unwrap_or(0) > since + 1500 && n["agent_up"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n3 stopped reporting after the rotation: {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     // A switchover through the server: the command reaches an agent, which hands it to the
     // vote; its outcome and the agents' events come back.
     let (s, c) = api
