@@ -237,6 +237,53 @@ async fn suite(srv: &Srv) {
         Some(true)
     );
 
+    // ---- every route of the document: 401 without a token, 403 for a viewer's change ----
+    let (_, login) = srv
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(&admin),
+            Some(json!({"name": "peek", "role": "viewer", "password": "peek-password-1"})),
+        )
+        .await;
+    assert_eq!(login["role"], "viewer");
+    let (_, t) = srv
+        .call(
+            Method::POST,
+            "/api/v1/login",
+            None,
+            Some(json!({"user": "peek", "password": "peek-password-1"})),
+        )
+        .await;
+    let peek = t["token"].as_str().expect("token").to_string();
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        let concrete = path
+            .replace("{cluster}", "main")
+            .replace("{node}", "n1")
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "x" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        for (method, op) in item.as_object().expect("item") {
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).expect("method");
+            let secured = op.get("security").is_some();
+            if !secured {
+                continue;
+            }
+            let body = (m != Method::GET && m != Method::DELETE).then(|| json!({}));
+            let (s, v) = srv.call(m.clone(), &concrete, None, body.clone()).await;
+            assert_eq!(s, 401, "{method} {path} without a token: {v}");
+            // Changes need more than the viewer role, except a viewer's own API tokens.
+            if m != Method::GET && !path.starts_with("/api/v1/tokens") {
+                let (s, v) = srv.call(m, &concrete, Some(&peek), body).await;
+                assert_eq!(s, 403, "{method} {path} as a viewer: {v}");
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 30, "only {checked} routes in the document");
+
     // ---- authentication ----
     let (s, _) = srv.call(Method::GET, "/api/v1/clusters", None, None).await;
     assert_eq!(s, 401);
@@ -335,7 +382,7 @@ async fn suite(srv: &Srv) {
     let (s, _) = srv.get("/api/v1/users", &viewer).await;
     assert_eq!(s, 403);
     let (s, users) = srv.get("/api/v1/users", &admin).await;
-    assert_eq!((s, users.as_array().map(|a| a.len())), (200, Some(3)));
+    assert_eq!((s, users.as_array().map(|a| a.len())), (200, Some(4)));
     let (s, v) = srv
         .call(
             Method::PATCH,

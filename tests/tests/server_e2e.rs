@@ -331,6 +331,37 @@ async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_acros
         "in order: {released} {acquired} {promoted}"
     );
 
+    // The dynamic configuration: read from an agent, a bad change refused with its field,
+    // a good one sent to the vote and kept in the history.
+    let cfg = api.get(&format!("/api/v1/clusters/{cluster}/config")).await;
+    assert!(
+        cfg["config"]["version"].as_u64().is_some() && cfg["fetched_from"].is_string(),
+        "{cfg}"
+    );
+    let path = format!("/api/v1/clusters/{cluster}/config");
+    let (s, v) = api
+        .call(reqwest::Method::PATCH, &path, Some(json!({"ttl": "soon"})))
+        .await;
+    assert_eq!((s, v["field"].as_str()), (422, Some("ttl")), "{v}");
+    let (s, c) = api
+        .call(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"parameters": {"work_mem": "8MB"}})),
+        )
+        .await;
+    assert_eq!(s, 202, "{c}");
+    let done = api
+        .wait_command(c["id"].as_str().expect("id"), Duration::from_secs(30))
+        .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let cfg2 = api.get(&path).await;
+    // Stored as it goes into postgresql.conf.
+    assert_eq!(cfg2["config"]["parameters"]["work_mem"], "'8MB'", "{cfg2}");
+    let hist = api.get(&format!("{path}/history")).await;
+    assert_eq!(hist.as_array().map(|h| h.len()), Some(1), "{hist}");
+    assert_eq!(hist[0]["patch"]["parameters"]["work_mem"], "8MB");
+
     // The server goes away; the primary's host dies; the agents fail over by themselves.
     t.lab.stop_server().expect("stop server");
     t.lab.fault(Fault::StopNode, "n2").expect("stop n2");
