@@ -1,5 +1,6 @@
-//! `edit-config`: the dynamic configuration as an editable TOML text, and the patch (with a
-//! readable diff) that an edited text amounts to.
+//! `edit-config` / `config edit`: the dynamic configuration as an editable TOML text, the
+//! patch (with a readable diff) that an edited text amounts to, and the patch of
+//! `config set KEY=VALUE …`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use pgwarden_core::dynconfig::{ConfigPatch, DynamicConfig, FailoverSettings};
@@ -199,6 +200,102 @@ pub fn patch_from(c: &DynamicConfig, text: &str) -> Result<(ConfigPatch, Vec<Str
     Ok((patch, diff))
 }
 
+/// Opens `text` in `$VISUAL` or `$EDITOR` (`vi` by default) and returns the saved text.
+pub fn edit_in_editor(text: &str) -> Result<String> {
+    let file = std::env::temp_dir().join(format!("pgwarden-config-{}.toml", std::process::id()));
+    std::fs::write(&file, text).with_context(|| format!("write {}", file.display()))?;
+    let editor = std::env::var("VISUAL")
+        .or_else(|_| std::env::var("EDITOR"))
+        .unwrap_or_else(|_| "vi".into());
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&file)
+        .status()
+        .with_context(|| format!("run the editor {editor}"));
+    let edited = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()));
+    let _ = std::fs::remove_file(&file);
+    let st = st?;
+    if !st.success() {
+        bail!("the editor exited with {st}; nothing changed");
+    }
+    edited
+}
+
+/// A `config set` value: an integer, a float or a boolean as such, anything else a string.
+fn set_value(v: &str) -> serde_json::Value {
+    if let Ok(i) = v.parse::<i64>() {
+        if !v.starts_with('0') || v == "0" {
+            return serde_json::Value::from(i);
+        }
+    }
+    if v.contains('.') {
+        if let Ok(f) = v.parse::<f64>() {
+            return serde_json::Value::from(f);
+        }
+    }
+    match v {
+        "true" => serde_json::Value::Bool(true),
+        "false" => serde_json::Value::Bool(false),
+        _ => serde_json::Value::String(v.to_string()),
+    }
+}
+
+/// The patch of `config set KEY=VALUE …`: a failover setting (`ttl=5s`; empty: back to its
+/// default), `pg_hba=LINE` (every `pg_hba=` together are the new list; `pg_hba=` alone empties
+/// it), or a PostgreSQL parameter (`work_mem=16MB`, `parameters.work_mem=16MB`; empty: back
+/// to the node files' value).
+pub fn patch_from_assignments(args: &[String]) -> Result<ConfigPatch> {
+    if args.is_empty() {
+        bail!("nothing to set: give KEY=VALUE, e.g. ttl=5s or work_mem=16MB");
+    }
+    let mut patch = ConfigPatch::default();
+    let defaults = settings(&FailoverSettings::default());
+    let mut hba: Option<Vec<String>> = None;
+    for a in args {
+        let Some((k, v)) = a.split_once('=') else {
+            bail!("{a:?}: expected KEY=VALUE, e.g. ttl=5s or work_mem=16MB");
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            bail!("{a:?}: the key is empty");
+        }
+        if let Some(i) = SETTINGS.iter().position(|s| *s == k) {
+            let value = if v.is_empty() {
+                defaults[i].clone()
+            } else {
+                match set_value(v) {
+                    serde_json::Value::Number(n) if n.is_i64() => {
+                        toml::Value::Integer(n.as_i64().unwrap_or_default())
+                    }
+                    _ => toml::Value::String(v.to_string()),
+                }
+            };
+            set_setting(&mut patch, k, &value)?;
+            continue;
+        }
+        if k == "pg_hba" {
+            let list = hba.get_or_insert_with(Vec::new);
+            if !v.is_empty() {
+                list.push(v.to_string());
+            }
+            continue;
+        }
+        let name = k.strip_prefix("parameters.").unwrap_or(k);
+        if SETTINGS.contains(&name) {
+            bail!(
+                "parameters.{name}: {name} is a pgwarden setting, not a PostgreSQL parameter: \
+                 set it as {name}={v}"
+            );
+        }
+        let value = (!v.is_empty()).then(|| set_value(v));
+        patch.parameters.insert(name.to_string(), value);
+    }
+    patch.pg_hba = hba;
+    Ok(patch)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +480,48 @@ mod tests {
             p.pg_hba.unwrap(),
             vec!["host all all 10.1.0.0/16 scram-sha-256"]
         );
+    }
+
+    #[test]
+    fn assignments_become_a_patch() {
+        let args: Vec<String> = [
+            "ttl=5s",
+            "maximum_lag_on_failover=16777216",
+            "synchronous_node_count=",
+            "work_mem=16MB",
+            "parameters.max_connections=200",
+            "log_connections=true",
+            "random_page_cost=1.1",
+            "unix_socket_permissions=0700",
+            "shared_buffers=",
+            "pg_hba=host all all 10.0.0.0/8 scram-sha-256",
+            "pg_hba=host all all 10.1.0.0/16 scram-sha-256",
+        ]
+        .map(String::from)
+        .to_vec();
+        let p = patch_from_assignments(&args).unwrap();
+        assert_eq!(p.ttl.as_deref(), Some("5s"));
+        assert_eq!(p.maximum_lag_on_failover, Some(serde_json::json!(16777216)));
+        assert_eq!(p.synchronous_node_count, Some(serde_json::json!(1)));
+        let j = |v: serde_json::Value| Some(v);
+        assert_eq!(p.parameters["work_mem"], j(serde_json::json!("16MB")));
+        assert_eq!(p.parameters["max_connections"], j(serde_json::json!(200)));
+        assert_eq!(p.parameters["log_connections"], j(serde_json::json!(true)));
+        assert_eq!(p.parameters["random_page_cost"], j(serde_json::json!(1.1)));
+        assert_eq!(
+            p.parameters["unix_socket_permissions"],
+            j(serde_json::json!("0700"))
+        );
+        assert_eq!(p.parameters["shared_buffers"], None);
+        assert_eq!(p.pg_hba.as_ref().map(Vec::len), Some(2));
+        assert_eq!(
+            patch_from_assignments(&["pg_hba=".into()]).unwrap().pg_hba,
+            Some(vec![])
+        );
+        for bad in ["ttl", "=1", "parameters.ttl=5s"] {
+            assert!(patch_from_assignments(&[bad.into()]).is_err(), "{bad}");
+        }
+        assert!(patch_from_assignments(&[]).is_err());
     }
 
     #[test]

@@ -1,73 +1,163 @@
-//! `pgwardenctl`: the command line for pgwarden. Today it talks to any agent's API; the
-//! control-plane work adds the server as its default target.
+//! `pgwardenctl`: the command line for pgwarden. By default it talks to the control plane
+//! (`pgwarden-server`, `--server`); `--agent URL` talks to one agent directly, as before the
+//! control plane existed.
 
+mod agent;
 mod editconfig;
+mod events;
 mod history;
 mod list;
+mod remote;
+mod server;
 mod switchover;
+mod target;
+mod views;
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use pgwarden_core::api::ClusterView;
+use anyhow::Result;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "pgwardenctl", version, about = "Operate pgwarden clusters")]
+#[command(
+    name = "pgwardenctl",
+    version,
+    about = "Operate pgwarden clusters",
+    after_help = "The target is the control plane (--server, PGWARDEN_SERVER, or `server` in the \
+                  CLI configuration file, which `pgwardenctl login` writes); --agent URL talks to \
+                  one agent directly instead."
+)]
 struct Cli {
-    /// An agent's API URL.
-    #[arg(
-        long,
-        global = true,
-        env = "PGWARDEN_AGENT",
-        default_value = "http://127.0.0.1:8443"
-    )]
-    agent: String,
-    /// The agent API's bearer token.
+    /// The control plane (pgwarden-server), https://HOST:PORT: the default target.
+    #[arg(long, global = true, env = "PGWARDEN_SERVER", value_name = "URL")]
+    server: Option<String>,
+    /// One agent's API URL: direct-agent mode, without the control plane.
+    #[arg(long, global = true, env = "PGWARDEN_AGENT", value_name = "URL")]
+    agent: Option<String>,
+    /// The API token (the server's, or the agent API's bearer token with --agent).
     #[arg(long, global = true, env = "PGWARDEN_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// The installation's CA certificate (PEM), to verify an https:// agent.
-    #[arg(long, global = true, env = "PGWARDEN_CA")]
-    ca: Option<std::path::PathBuf>,
+    /// The installation's CA certificate (PEM), to verify an https:// server or agent.
+    #[arg(long, global = true, env = "PGWARDEN_CA", value_name = "FILE")]
+    ca: Option<PathBuf>,
     /// A client certificate (PEM) signed by the installation's CA, with --key.
     #[arg(long, global = true, env = "PGWARDEN_CERT", requires = "key")]
-    cert: Option<std::path::PathBuf>,
+    cert: Option<PathBuf>,
     #[arg(long, global = true, env = "PGWARDEN_KEY", requires = "cert")]
-    key: Option<std::path::PathBuf>,
+    key: Option<PathBuf>,
+    /// The CLI configuration file (server, token, ca_file) [default:
+    /// ~/.config/pgwarden/pgwardenctl.toml].
+    #[arg(long, global = true, env = "PGWARDENCTL_CONFIG", value_name = "FILE")]
+    cli_config: Option<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Where --server and --agent came from (filled after parsing).
+    #[arg(skip)]
+    sources: Sources,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
+#[derive(Clone, Copy, Debug, Default)]
+struct Sources {
+    server: Option<target::Source>,
+    agent: Option<target::Source>,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
-    /// Every member of the cluster: role, state, timeline, lag.
-    List,
+    /// The nodes of every cluster (or one): role, state, timeline, lag, agent up or down.
+    /// With --agent: every member of that agent's cluster.
+    List {
+        /// Only this cluster (server).
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+    },
+    /// Every node the server knows, with its agent's version and last report (server).
+    Nodes {
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+    },
+    /// The event log, oldest first; --follow then prints new events as they come (server).
+    Events {
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        /// Only these event types (comma-separated or repeated).
+        #[arg(long = "type", value_name = "T,...", value_delimiter = ',')]
+        types: Vec<String>,
+        /// Only events from this time on: RFC 3339, milliseconds since the epoch, or a
+        /// duration meaning that long ago (`1h`).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        /// At most this many events from the log.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+        /// Then print new events as they are stored, until interrupted.
+        #[arg(long)]
+        follow: bool,
+    },
     /// Maintenance mode on: no automatic failover (committed to the agents' replicated log).
-    Pause,
+    Pause {
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
     /// Maintenance mode off.
-    Resume,
-    /// The cluster's dynamic configuration.
+    Resume {
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// The cluster's dynamic configuration (--agent; with the server: `config show`).
     ShowConfig,
-    /// Edit the dynamic configuration in $EDITOR, review the diff, apply it to every node.
+    /// Edit the dynamic configuration in $EDITOR, review the diff, apply it to every node
+    /// (--agent; with the server: `config edit`).
     EditConfig {
         /// Apply without asking.
         #[arg(long)]
         force: bool,
+    },
+    /// A cluster's dynamic configuration through the server: show, set, patch, edit, history.
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
     },
     /// Every change of primary (failovers, switchovers): who, when, why, how long, in detail.
     History {
         /// Show only the newest N records in detail (the table lists them all).
         #[arg(long, value_name = "N")]
         last: Option<usize>,
+        /// The cluster (server).
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
     },
     /// Restart PostgreSQL on members: one by name, or every member with --pending.
     Restart {
+        /// The member (with the server, also --node).
         member: Option<String>,
         /// Only (all) members with a parameter change pending a restart.
         #[arg(long)]
         pending: bool,
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Rebuild a replica from the primary (server).
+    Reinit {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        #[arg(long, value_name = "NAME")]
+        node: String,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Hand the primary role over to a replica cleanly, now or at a scheduled time.
     Switchover {
@@ -80,6 +170,10 @@ enum Cmd {
         /// Do not ask for confirmation (required with --json).
         #[arg(long)]
         force: bool,
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
     },
     /// Promote a replica when there is no healthy primary (may lose acknowledged writes).
     Failover {
@@ -89,117 +183,222 @@ enum Cmd {
         /// Do not ask for confirmation (required with --json).
         #[arg(long)]
         force: bool,
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        #[command(flatten)]
+        wait: Wait,
+    },
+    /// Join tokens, to enroll agents with the server (`pgwarden-agent join`).
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// API tokens, for pgwardenctl and automation.
+    ApiToken {
+        #[command(subcommand)]
+        cmd: ApiTokenCmd,
+    },
+    /// The server's users and their roles (viewer, operator, admin).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Exchange a user's password for an API token and store it, with the server and its CA,
+    /// in the CLI configuration file.
+    Login {
+        #[arg(long, value_name = "NAME")]
+        user: String,
+        /// The token's lifetime (the server's default: 12h).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
     },
 }
 
-fn client(cli: &Cli) -> Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
-    if let Some(ca) = &cli.ca {
-        let pem = std::fs::read(ca).with_context(|| format!("read --ca {}", ca.display()))?;
-        b = b
-            .use_rustls_tls()
-            .tls_built_in_root_certs(false)
-            .add_root_certificate(reqwest::Certificate::from_pem(&pem).context("parse --ca")?);
-    }
-    if let (Some(cert), Some(key)) = (&cli.cert, &cli.key) {
-        let mut ident =
-            std::fs::read(cert).with_context(|| format!("read --cert {}", cert.display()))?;
-        ident.extend(std::fs::read(key).with_context(|| format!("read --key {}", key.display()))?);
-        b = b.identity(reqwest::Identity::from_pem(&ident).context("parse --cert/--key")?);
-    }
-    b.build().context("build the HTTP client")
+/// How long the server waits for a command's outcome.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct Wait {
+    /// How long the server waits for the outcome before the command is `timed_out`
+    /// (server; its `[commands] timeout`, 5m, by default).
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
 }
 
-async fn get_view(cli: &Cli) -> Result<ClusterView> {
-    let Some(token) = &cli.token else {
-        bail!("a token is required: --token or PGWARDEN_TOKEN");
-    };
-    let url = format!("{}/v1/cluster", cli.agent.trim_end_matches('/'));
-    let r = client(cli)?
-        .get(&url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .with_context(|| format!("GET {url}"))?;
-    if !r.status().is_success() {
-        let status = r.status();
-        let body = r.text().await.unwrap_or_default();
-        bail!("GET {url}: {status}: {body}");
-    }
-    r.json().await.with_context(|| format!("read {url}"))
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// The dynamic configuration, as `config edit` shows it.
+    Show {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+    },
+    /// Change settings and parameters: ttl=5s work_mem=16MB (KEY= resets).
+    Set {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        assignments: Vec<String>,
+    },
+    /// Send a configuration patch (JSON) as it is.
+    Patch {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// The patch, or `-` for standard input.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Edit the configuration in $EDITOR, review the diff, apply it.
+    Edit {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Apply without asking.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Configuration changes made through the server, newest first.
+    History {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+    },
 }
 
-/// How long an API call may take: operations (a restart, a switchover waiting for the
-/// candidate to catch up) run to completion before the agent answers.
-const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// A one-time join token for a node of CLUSTER, and the `pgwarden-agent join` line to run.
+    Create {
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Lifetime (the server's default: 1h).
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Join tokens: used or not, until when.
+    List,
+    /// Delete a join token.
+    Delete { id: String },
+}
 
-/// Sends a request to an agent's API and returns the JSON answer, or the problem's detail.
-async fn call(
-    cli: &Cli,
-    method: reqwest::Method,
-    url: &str,
-    body: Option<serde_json::Value>,
-) -> Result<serde_json::Value> {
-    let Some(token) = &cli.token else {
-        bail!("a token is required: --token or PGWARDEN_TOKEN");
-    };
-    let mut req = client(cli)?
-        .request(method.clone(), url)
-        .bearer_auth(token)
-        .timeout(CALL_TIMEOUT);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let r = req
-        .send()
-        .await
-        .with_context(|| format!("{method} {url}"))?;
-    let status = r.status();
-    let v: serde_json::Value = r.json().await.unwrap_or_default();
-    if !status.is_success() {
-        let detail = v["detail"].as_str().unwrap_or("");
-        match v["field"].as_str() {
-            Some(f) => bail!("{method} {url}: {status}: {f}: {detail}"),
-            None => bail!("{method} {url}: {status}: {detail}"),
+#[derive(Subcommand)]
+enum ApiTokenCmd {
+    /// A new API token, shown once.
+    Create {
+        /// What it is for.
+        #[arg(long)]
+        name: String,
+        /// Its user (admins only; yourself by default).
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Lifetime; no expiry by default.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// Your API tokens (everyone's for an admin).
+    List,
+    /// Delete an API token.
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user; without --password-stdin it can use API tokens only.
+    Add {
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Read the password from standard input (asked for on a terminal).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Every user and their role.
+    List,
+    /// Change a user's role, password or disabled flag.
+    Set {
+        name: String,
+        #[arg(long)]
+        role: Option<String>,
+        /// The user can no longer log in or use their tokens.
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        #[arg(long)]
+        enable: bool,
+        /// Read the new password from standard input (asked for on a terminal).
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a user and their tokens.
+    Delete { name: String },
+}
+
+impl Cmd {
+    /// The command's name, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::List { .. } => "list",
+            Cmd::Nodes { .. } => "nodes",
+            Cmd::Events { .. } => "events",
+            Cmd::Pause { .. } => "pause",
+            Cmd::Resume { .. } => "resume",
+            Cmd::ShowConfig => "show-config",
+            Cmd::EditConfig { .. } => "edit-config",
+            Cmd::Config { .. } => "config",
+            Cmd::History { .. } => "history",
+            Cmd::Restart { .. } => "restart",
+            Cmd::Reinit { .. } => "reinit",
+            Cmd::Switchover { .. } => "switchover",
+            Cmd::Failover { .. } => "failover",
+            Cmd::Token { .. } => "token",
+            Cmd::ApiToken { .. } => "api-token",
+            Cmd::User { .. } => "user",
+            Cmd::Login { .. } => "login",
         }
     }
-    Ok(v)
-}
 
-fn agent_url(cli: &Cli, path: &str) -> String {
-    format!("{}{path}", cli.agent.trim_end_matches('/'))
-}
-
-/// A member's API URL, with the scheme of `--agent`.
-fn member_url(cli: &Cli, m: &pgwarden_core::api::MemberView, path: &str) -> String {
-    let scheme = if cli.agent.starts_with("https://") {
-        "https"
-    } else {
-        "http"
-    };
-    format!("{scheme}://{}:{}{path}", m.host, m.api_port)
-}
-
-fn print(cli: &Cli, v: &serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(v)?);
-    } else {
-        println!("{}", text());
-    }
-    Ok(())
-}
-
-/// Prints an operation's answer (an `OperationResult`: its message, or the JSON); an answer
-/// with `ok: false` is an error.
-fn print_operation(cli: &Cli, v: &serde_json::Value) -> Result<()> {
-    let message = v["message"].as_str().unwrap_or("done").to_string();
-    if v["ok"] == serde_json::Value::Bool(false) {
-        if cli.json {
-            println!("{}", serde_json::to_string_pretty(v)?);
+    /// A flag given that only means something to the server, if any.
+    fn server_only_flag(&self) -> Option<&'static str> {
+        let (cluster, node, wait) = match self {
+            Cmd::List { cluster } | Cmd::History { cluster, .. } => {
+                (cluster.is_some(), false, None)
+            }
+            Cmd::Pause { cluster, wait }
+            | Cmd::Resume { cluster, wait }
+            | Cmd::Switchover { cluster, wait, .. }
+            | Cmd::Failover { cluster, wait, .. } => (cluster.is_some(), false, Some(wait)),
+            Cmd::Restart {
+                cluster,
+                node,
+                wait,
+                ..
+            } => (cluster.is_some(), node.is_some(), Some(wait)),
+            _ => (false, false, None),
+        };
+        if cluster {
+            Some("--cluster")
+        } else if node {
+            Some("--node")
+        } else if wait.is_some_and(|w| w.timeout.is_some()) {
+            Some("--timeout")
+        } else {
+            None
         }
-        bail!("{message}");
     }
-    print(cli, v, || message)
+}
+
+fn source(m: &ArgMatches, id: &str) -> Option<target::Source> {
+    match m.value_source(id)? {
+        clap::parser::ValueSource::CommandLine => Some(target::Source::Flag),
+        clap::parser::ValueSource::EnvVariable => Some(target::Source::Env),
+        _ => None,
+    }
+}
+
+impl Cli {
+    fn from_matches(m: &ArgMatches) -> Result<Cli, clap::Error> {
+        let mut cli = Cli::from_arg_matches(m)?;
+        cli.sources = Sources {
+            server: source(m, "server"),
+            agent: source(m, "agent"),
+        };
+        Ok(cli)
+    }
 }
 
 /// Asks the operator on the terminal; a no is `switchover::Aborted`.
@@ -216,180 +415,26 @@ fn ask(question: &str) -> Result<()> {
 }
 
 async fn run(cli: &Cli) -> Result<()> {
-    use reqwest::Method;
-    match &cli.cmd {
-        Cmd::List => {
-            let v = get_view(cli).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                print!("{}", list::render(&v));
-            }
-            Ok(())
-        }
-        Cmd::Pause | Cmd::Resume => {
-            let path = if matches!(cli.cmd, Cmd::Pause) {
-                "/v1/pause"
-            } else {
-                "/v1/resume"
-            };
-            let v = call(cli, Method::POST, &agent_url(cli, path), None).await?;
-            print(cli, &v, || {
-                v["message"].as_str().unwrap_or("done").to_string()
-            })
-        }
-        Cmd::ShowConfig => {
-            let v = call(cli, Method::GET, &agent_url(cli, "/v1/config"), None).await?;
-            let c: pgwarden_core::dynconfig::DynamicConfig =
-                serde_json::from_value(v["config"].clone()).context("read the configuration")?;
-            print(cli, &v, || editconfig::to_editable(&c))
-        }
-        Cmd::EditConfig { force } => {
-            let v = call(cli, Method::GET, &agent_url(cli, "/v1/config"), None).await?;
-            let c: pgwarden_core::dynconfig::DynamicConfig =
-                serde_json::from_value(v["config"].clone()).context("read the configuration")?;
-            let file =
-                std::env::temp_dir().join(format!("pgwarden-config-{}.toml", std::process::id()));
-            std::fs::write(&file, editconfig::to_editable(&c))?;
-            let editor = std::env::var("VISUAL")
-                .or_else(|_| std::env::var("EDITOR"))
-                .unwrap_or_else(|_| "vi".into());
-            let st = std::process::Command::new("sh")
-                .arg("-c")
-                .arg(format!("{editor} \"$1\""))
-                .arg("sh")
-                .arg(&file)
-                .status()
-                .with_context(|| format!("run the editor {editor}"))?;
-            let text = std::fs::read_to_string(&file)?;
-            let _ = std::fs::remove_file(&file);
-            if !st.success() {
-                bail!("the editor exited with {st}; nothing changed");
-            }
-            let (patch, diff) = editconfig::patch_from(&c, &text)?;
-            if diff.is_empty() {
-                println!("no changes");
-                return Ok(());
-            }
-            println!("{}", diff.join("\n"));
-            if !force {
-                eprint!("Apply these changes to every node? [y/N] ");
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    println!("not applied");
-                    return Ok(());
-                }
-            }
-            let v = call(
-                cli,
-                Method::PATCH,
-                &agent_url(cli, "/v1/config"),
-                Some(serde_json::to_value(&patch)?),
-            )
-            .await?;
-            print(cli, &v, || {
-                format!("configuration version {} applied", v["config"]["version"])
-            })
-        }
-        Cmd::History { last } => {
-            let v = call(cli, Method::GET, &agent_url(cli, "/v1/history"), None).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                let h: pgwarden_core::record::History =
-                    serde_json::from_value(v).context("read the history")?;
-                print!("{}", history::render(&h, *last));
-            }
-            Ok(())
-        }
-        Cmd::Restart { member, pending } => {
-            let view = get_view(cli).await?;
-            let targets: Vec<&pgwarden_core::api::MemberView> = view
-                .members
-                .iter()
-                .filter(|m| match member {
-                    Some(n) => &m.name == n,
-                    None => true,
-                })
-                .filter(|m| !pending || m.status.as_ref().is_some_and(|s| s.pending_restart))
-                .collect();
-            if member.is_none() && !pending {
-                bail!("name a member, or use --pending to restart every member that needs it");
-            }
-            if let Some(n) = member {
-                if targets.is_empty() && !pending {
-                    bail!("{n} is not a member of {}", view.cluster);
-                }
-            }
-            let mut done = Vec::new();
-            for m in targets {
-                call(cli, Method::POST, &member_url(cli, m, "/v1/restart"), None).await?;
-                done.push(m.name.clone());
-            }
-            let v = serde_json::json!({ "restarted": done });
-            print(cli, &v, || {
-                if done.is_empty() {
-                    "nothing to restart".into()
-                } else {
-                    format!("restarted {}", done.join(", "))
-                }
-            })
-        }
-        Cmd::Switchover {
-            candidate,
-            scheduled,
-            force,
-        } => {
-            switchover::check_confirmable(cli.json, *force)?;
-            let req = switchover::switchover_request(candidate.as_deref(), scheduled.as_deref());
-            let question = switchover::switchover_question().to_string();
-            let plan = |view: &ClusterView| switchover::switchover_plan(view, &req);
-            confirm_and_post(cli, *force, plan, &question, "/v1/switchover", &req).await
-        }
-        Cmd::Failover { candidate, force } => {
-            switchover::check_confirmable(cli.json, *force)?;
-            let req = switchover::failover_request(candidate);
-            let question = switchover::failover_question(candidate);
-            let plan = |view: &ClusterView| switchover::failover_plan(view, &req);
-            confirm_and_post(cli, *force, plan, &question, "/v1/failover", &req).await
+    let choice = target::choose(
+        cli.server.as_deref().zip(cli.sources.server),
+        cli.agent.as_deref().zip(cli.sources.agent),
+    )?;
+    match choice {
+        target::Choice::Agent(url) => agent::Agent::new(cli, &url).run().await,
+        target::Choice::Server(url) => {
+            let server = remote::connect(cli, url)?;
+            remote::run(cli, &server).await
         }
     }
-}
-
-/// Unless `force`: shows the cluster and the plan, asks `question`; then POSTs `body` to
-/// `path` and prints the operation's result.
-async fn confirm_and_post<P: std::fmt::Display>(
-    cli: &Cli,
-    force: bool,
-    plan: impl Fn(&ClusterView) -> Result<P>,
-    question: &str,
-    path: &str,
-    body: &impl serde::Serialize,
-) -> Result<()> {
-    if !force {
-        let view = get_view(cli).await?;
-        let plan = plan(&view)?;
-        println!(
-            "Current cluster topology\n{}\n{plan}\n",
-            list::render(&view)
-        );
-        ask(question)?;
-    }
-    let body = serde_json::to_value(body)?;
-    let v = call(
-        cli,
-        reqwest::Method::POST,
-        &agent_url(cli, path),
-        Some(body),
-    )
-    .await?;
-    print_operation(cli, &v)
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let m = Cli::command().get_matches();
+    let cli = match Cli::from_matches(&m) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     let res = run(&cli).await;
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -409,7 +454,9 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("pgwardenctl").chain(args.iter().copied()))
+        let m = Cli::command()
+            .try_get_matches_from(std::iter::once("pgwardenctl").chain(args.iter().copied()))?;
+        Cli::from_matches(&m)
     }
 
     #[test]
@@ -426,6 +473,7 @@ mod tests {
             candidate,
             scheduled,
             force,
+            ..
         } = &cli.cmd
         else {
             panic!("not a switchover");
@@ -440,6 +488,7 @@ mod tests {
             candidate,
             scheduled,
             force,
+            ..
         } = &cli.cmd
         else {
             panic!("not a switchover");
@@ -454,9 +503,9 @@ mod tests {
     #[test]
     fn history_arguments() {
         let cli = parse(&["history", "--last", "3"]).unwrap();
-        assert!(matches!(cli.cmd, Cmd::History { last: Some(3) }));
+        assert!(matches!(cli.cmd, Cmd::History { last: Some(3), .. }));
         let cli = parse(&["history", "--json"]).unwrap();
-        assert!(matches!(cli.cmd, Cmd::History { last: None }));
+        assert!(matches!(cli.cmd, Cmd::History { last: None, .. }));
         assert!(cli.json);
         assert!(parse(&["history", "--last", "-1"]).is_err());
     }
@@ -464,13 +513,43 @@ mod tests {
     #[test]
     fn failover_needs_a_candidate() {
         let cli = parse(&["failover", "--candidate", "pg3", "--force"]).unwrap();
-        let Cmd::Failover { candidate, force } = &cli.cmd else {
+        let Cmd::Failover {
+            candidate, force, ..
+        } = &cli.cmd
+        else {
             panic!("not a failover");
         };
         assert_eq!(candidate, "pg3");
         assert!(force);
         let e = parse(&["failover"]).err().unwrap();
         assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn where_server_and_agent_came_from() {
+        // Global flags count wherever they are written.
+        let cli = parse(&["list", "--agent", "http://n1:8443"]).unwrap();
+        assert_eq!(cli.sources.agent, Some(target::Source::Flag));
+        assert_eq!(cli.sources.server, None);
+        let cli = parse(&["--server", "https://cp:9443", "events", "--type", "a,b"]).unwrap();
+        assert_eq!(cli.sources.server, Some(target::Source::Flag));
+        let Cmd::Events { types, limit, .. } = &cli.cmd else {
+            panic!("not events");
+        };
+        assert_eq!(types, &["a", "b"]);
+        assert_eq!(*limit, 100);
+    }
+
+    #[test]
+    fn server_only_flags_are_named() {
+        let cli = parse(&["pause", "--cluster", "main"]).unwrap();
+        assert_eq!(cli.cmd.server_only_flag(), Some("--cluster"));
+        let cli = parse(&["restart", "--node", "n1"]).unwrap();
+        assert_eq!(cli.cmd.server_only_flag(), Some("--node"));
+        let cli = parse(&["resume", "--timeout", "5s"]).unwrap();
+        assert_eq!(cli.cmd.server_only_flag(), Some("--timeout"));
+        let cli = parse(&["restart", "n1"]).unwrap();
+        assert_eq!(cli.cmd.server_only_flag(), None);
     }
 
     #[tokio::test(flavor = "current_thread")]
@@ -495,6 +574,16 @@ mod tests {
                 "--candidate",
                 "pg2",
             ],
+            &[
+                "--server",
+                "http://127.0.0.1:9",
+                "--token",
+                "t",
+                "--json",
+                "switchover",
+                "--cluster",
+                "main",
+            ],
         ] {
             let e = run(&parse(args).unwrap()).await.unwrap_err().to_string();
             assert_eq!(
@@ -504,14 +593,30 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_agent_refuses_server_flags_and_commands() {
+        let e = run(&parse(&["--agent", "http://127.0.0.1:9", "pause", "--cluster", "x"]).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--cluster is for the control plane"), "{e}");
+        let e = run(&parse(&["--agent", "http://127.0.0.1:9", "nodes"]).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`nodes` needs the control plane"), "{e}");
+    }
+
     #[test]
     fn an_operation_that_failed_is_an_error() {
         let cli = parse(&["switchover", "--force"]).unwrap();
         let ok = serde_json::json!({ "operation": "switchover", "ok": true, "message": "pg2 is the primary" });
-        assert!(print_operation(&cli, &ok).is_ok());
+        assert!(agent::print_operation(&cli, &ok).is_ok());
         let failed = serde_json::json!({ "operation": "switchover", "ok": false, "message": "pg2 did not catch up" });
         assert_eq!(
-            print_operation(&cli, &failed).unwrap_err().to_string(),
+            agent::print_operation(&cli, &failed)
+                .unwrap_err()
+                .to_string(),
             "pg2 did not catch up"
         );
     }

@@ -287,20 +287,30 @@ async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_acros
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
-    // A switchover through the server: the command reaches an agent, which hands it to the
-    // vote; its outcome and the agents' events come back.
-    let (s, c) = api
-        .call(
-            reqwest::Method::POST,
-            &format!("/api/v1/clusters/{cluster}/commands"),
-            Some(json!({"kind": "switchover", "args": {"candidate": "n2"}})),
-        )
-        .await;
-    assert_eq!(s, 202, "{c}");
-    let done = api
-        .wait_command(c["id"].as_str().expect("id"), Duration::from_secs(60))
-        .await;
-    assert_eq!(done["state"], "succeeded", "{done}");
+    // A switchover with pgwardenctl through the server: the command reaches an agent, which
+    // hands it to the vote; its outcome and the agents' events come back.
+    let srv = t.lab.server.as_ref().expect("server");
+    let out = std::process::Command::new(pgwarden_tests::workspace_bin("pgwardenctl"))
+        .args(["--server", &srv.url(), "--ca", &srv.ca_file().display().to_string()])
+        .args(["switchover", "--cluster", &cluster, "--candidate", "n2", "--force"])
+        .env("PGWARDEN_TOKEN", &srv.admin_token)
+        .env("PGWARDENCTL_CONFIG", t.lab.dir.join("no-cli-config.toml"))
+        .output()
+        .expect("pgwardenctl");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pgwardenctl switchover: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("succeeded"), "it follows the command to its outcome: {stdout}");
+    let cmds = api.get("/api/v1/commands?state=succeeded").await;
+    let done = cmds["items"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["kind"] == "switchover"))
+        .cloned()
+        .expect("the switchover command");
+    assert_eq!(done["args"]["candidate"], "n2", "{done}");
     assert_eq!(
         t.wait_new_primary("n1", Duration::from_secs(30)).await,
         "n2"
