@@ -291,8 +291,20 @@ async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_acros
     // hands it to the vote; its outcome and the agents' events come back.
     let srv = t.lab.server.as_ref().expect("server");
     let out = std::process::Command::new(pgwarden_tests::workspace_bin("pgwardenctl"))
-        .args(["--server", &srv.url(), "--ca", &srv.ca_file().display().to_string()])
-        .args(["switchover", "--cluster", &cluster, "--candidate", "n2", "--force"])
+        .args([
+            "--server",
+            &srv.url(),
+            "--ca",
+            &srv.ca_file().display().to_string(),
+        ])
+        .args([
+            "switchover",
+            "--cluster",
+            &cluster,
+            "--candidate",
+            "n2",
+            "--force",
+        ])
         .env("PGWARDEN_TOKEN", &srv.admin_token)
         .env("PGWARDENCTL_CONFIG", t.lab.dir.join("no-cli-config.toml"))
         .output()
@@ -303,7 +315,10 @@ async fn the_server_enrolls_agents_runs_a_switchover_and_keeps_every_event_acros
         "pgwardenctl switchover: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("succeeded"), "it follows the command to its outcome: {stdout}");
+    assert!(
+        stdout.contains("succeeded"),
+        "it follows the command to its outcome: {stdout}"
+    );
     let cmds = api.get("/api/v1/commands?state=succeeded").await;
     let done = cmds["items"]
         .as_array()
