@@ -46,3 +46,14 @@ if ! "$PGWARDEN_VENV/bin/python" -c 'import moto' >/dev/null 2>&1; then
     [ -x "$PGWARDEN_VENV/bin/pip" ] || python3 -m venv --clear "$PGWARDEN_VENV"
     "$PGWARDEN_VENV/bin/pip" install --quiet -r "$repo/tests/fixtures/ec2/requirements.txt"
 fi
+
+# The API fuzz pass (tests/tests/server_fuzz.rs): schemathesis in a venv of its own, so its
+# dependencies never meet moto's. Reinstalled when the pinned requirements change.
+PGWARDEN_FUZZ_VENV="${PGWARDEN_FUZZ_VENV:-/var/tmp/pgwarden-fuzz-venv}"
+fuzz_req="$repo/tests/fixtures/fuzz/requirements.txt"
+if ! cmp -s "$fuzz_req" "$PGWARDEN_FUZZ_VENV/requirements.txt"; then
+    echo "installing the API fuzzer's Python packages into $PGWARDEN_FUZZ_VENV"
+    [ -x "$PGWARDEN_FUZZ_VENV/bin/pip" ] || python3 -m venv --clear "$PGWARDEN_FUZZ_VENV"
+    "$PGWARDEN_FUZZ_VENV/bin/pip" install --quiet --disable-pip-version-check -r "$fuzz_req"
+    cp "$fuzz_req" "$PGWARDEN_FUZZ_VENV/requirements.txt"
+fi

@@ -261,11 +261,21 @@ fn parse_ttl(
     match s {
         None => Ok(default_ms.map(|d| now_ms() + d)),
         Some(t) => match pgwarden_core::duration::parse_duration(t) {
-            Ok(d) if d.as_millis() > 0 => Ok(Some(now_ms() + d.as_millis() as i64)),
+            Ok(d) if d.as_millis() > 0 => match ms_from_now(d) {
+                Some(at) => Ok(Some(at)),
+                None => Err(unprocessable(field, "too long")),
+            },
             Ok(_) => Err(unprocessable(field, "must be longer than 0")),
             Err(e) => Err(unprocessable(field, e)),
         },
     }
+}
+
+/// The time `d` from now in ms since the epoch, unless that does not fit in an `i64`.
+fn ms_from_now(d: std::time::Duration) -> Option<i64> {
+    i64::try_from(d.as_millis())
+        .ok()
+        .and_then(|ms| now_ms().checked_add(ms))
 }
 
 /// Exchange a user's password for an API token.
@@ -796,7 +806,10 @@ async fn queue_command(
     let timeout_ms = match timeout {
         None => app.cfg.commands.timeout.0.as_millis() as i64,
         Some(t) => match pgwarden_core::duration::parse_duration(t) {
-            Ok(d) if d.as_millis() >= 1000 => d.as_millis() as i64,
+            Ok(d) if d.as_millis() >= 1000 => match ms_from_now(d) {
+                Some(_) => d.as_millis() as i64,
+                None => return unprocessable("timeout", "too long"),
+            },
             Ok(_) => return unprocessable("timeout", "must be at least 1s"),
             Err(e) => return unprocessable("timeout", e),
         },
@@ -826,7 +839,7 @@ async fn queue_command(
             kind,
             args: &args,
             created_by: user,
-            deadline_ms: now_ms() + timeout_ms,
+            deadline_ms: now_ms().saturating_add(timeout_ms),
         })
         .await;
     match res {
