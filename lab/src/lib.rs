@@ -211,6 +211,41 @@ pub struct LabTls {
     pub key: PathBuf,
 }
 
+/// A command for `prog`, run inside `netns` when given (`ip netns exec` execs it in place, so
+/// the child's PID is the program's).
+fn in_netns(netns: Option<&str>, prog: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(prog);
+            c
+        }
+        None => Command::new(prog),
+    }
+}
+
+/// Starts `cmd` detached (its own process group, output appended to `log`) and reaps it in
+/// the background; returns its PID.
+fn spawn_detached(mut cmd: Command, log: &Path, what: &Path) -> Result<i32> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0);
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("start {}", what.display()))?;
+    let pid = child.id() as i32;
+    std::thread::spawn(move || {
+        let mut c = child;
+        let _ = c.wait();
+    });
+    Ok(pid)
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     #[allow(unsafe_code)]
@@ -447,15 +482,7 @@ impl Lab {
 
     /// Runs a program (inside `netns` when given) and returns its standard output.
     fn run_in(netns: Option<&str>, prog: &Path, args: &[&str]) -> Result<String> {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(prog);
-                c
-            }
-            None => Command::new(prog),
-        };
-        let out = cmd
+        let out = in_netns(netns, prog)
             .args(args)
             .output()
             .with_context(|| format!("run {}", prog.display()))?;
@@ -609,35 +636,9 @@ impl Lab {
         if s.pid.is_some_and(pid_alive) {
             return Ok(());
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(s.config.with_extension("log"))
-            .context("open server.log")?;
-        let mut cmd = match &s.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&s.bin);
-                c
-            }
-            None => Command::new(&s.bin),
-        };
-        cmd.arg("--config")
-            .arg(&s.config)
-            .current_dir(&s.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {}", s.bin.display()))?;
-        let pid = child.id() as i32;
-        std::thread::spawn(move || {
-            let mut c = child;
-            let _ = c.wait();
-        });
+        let mut cmd = in_netns(s.netns.as_deref(), &s.bin);
+        cmd.arg("--config").arg(&s.config).current_dir(&s.dir);
+        let pid = spawn_detached(cmd, &s.config.with_extension("log"), &s.bin)?;
         if let Some(srv) = self.slot(second).as_mut() {
             srv.pid = Some(pid);
         }
@@ -1030,40 +1031,14 @@ log_line_prefix = "%m [%p] %q%a "
                 return Ok(());
             }
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(n.dir.join("agent.log"))
-            .context("open agent.log")?;
-        let mut cmd = match &n.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.agent_bin);
-                c
-            }
-            None => Command::new(&self.agent_bin),
-        };
+        let mut cmd = in_netns(n.netns.as_deref(), &self.agent_bin);
         cmd.envs(self.agent_env.iter().cloned());
         // Relative paths in the agent's environment (a failpoint file) are per node.
         cmd.current_dir(&n.dir);
         cmd.arg("--config")
             .arg(&n.config)
-            .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        use std::os::unix::process::CommandExt;
-        cmd.process_group(0);
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("start {}", self.agent_bin.display()))?;
-        // `ip netns exec` execs the agent in place, so this is the agent's PID.
-        let pid = child.id() as i32;
-        // Reap it in the background if this process outlives it.
-        std::thread::spawn(move || {
-            let mut c = child;
-            let _ = c.wait();
-        });
+            .envs(std::env::var("RUST_LOG").ok().map(|v| ("RUST_LOG", v)));
+        let pid = spawn_detached(cmd, &n.dir.join("agent.log"), &self.agent_bin)?;
         self.node_mut(node)?.agent_pid = Some(pid);
         self.save()
     }
