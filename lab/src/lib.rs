@@ -232,7 +232,9 @@ fn spawn_detached(mut cmd: Command, log: &Path, what: &Path) -> Result<i32> {
         .append(true)
         .open(log)
         .with_context(|| format!("open {}", log.display()))?;
-    cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
     use std::os::unix::process::CommandExt;
     cmd.process_group(0);
     let child = cmd
