@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub commands: CommandsSection,
     #[serde(default)]
     pub retention: RetentionSection,
+    #[serde(default)]
+    pub webhooks: WebhooksSection,
     /// `text` or `json` log lines.
     #[serde(default = "default_log_format")]
     pub log_format: String,
@@ -82,6 +84,22 @@ pub struct RetentionSection {
     pub lag_sample_interval: ConfDuration,
 }
 
+/// Delivery of events to webhook endpoints (`docs/webhooks.md`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksSection {
+    /// How long one delivery attempt may take (connect, send, answer).
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: ConfDuration,
+    /// A delivery still failing this long after its event is given up (`failed`).
+    #[serde(default = "default_webhook_max_age")]
+    pub max_age: ConfDuration,
+    /// The first retry's delay ceiling; doubled at every attempt up to 5 minutes (full
+    /// jitter). Not in the example file: shortened by tests.
+    #[serde(default = "default_webhook_retry_base")]
+    pub retry_base: ConfDuration,
+}
+
 fn default_listen() -> String {
     "0.0.0.0:8440".into()
 }
@@ -111,6 +129,26 @@ fn default_lag_retention() -> ConfDuration {
 }
 fn default_lag_interval() -> ConfDuration {
     ConfDuration::secs(10)
+}
+
+fn default_webhook_timeout() -> ConfDuration {
+    ConfDuration::secs(10)
+}
+fn default_webhook_max_age() -> ConfDuration {
+    ConfDuration::secs(24 * 3600)
+}
+fn default_webhook_retry_base() -> ConfDuration {
+    ConfDuration::secs(1)
+}
+
+impl Default for WebhooksSection {
+    fn default() -> Self {
+        WebhooksSection {
+            timeout: default_webhook_timeout(),
+            max_age: default_webhook_max_age(),
+            retry_base: default_webhook_retry_base(),
+        }
+    }
 }
 
 impl Default for AgentsSection {
@@ -233,6 +271,28 @@ impl ServerConfig {
                 "must be at least 1".into(),
             ));
         }
+        let w = &cfg.webhooks;
+        if w.timeout.0.as_millis() < 100 || w.timeout.0.as_secs() > 300 {
+            return Err(bad(
+                "webhooks",
+                "timeout",
+                "must be from 100ms to 5m".into(),
+            ));
+        }
+        if w.max_age <= w.timeout {
+            return Err(bad(
+                "webhooks",
+                "max_age",
+                "must be longer than webhooks.timeout".into(),
+            ));
+        }
+        if w.retry_base.0.as_millis() < 10 || w.retry_base.0.as_secs() > 300 {
+            return Err(bad(
+                "webhooks",
+                "retry_base",
+                "must be from 10ms to 5m".into(),
+            ));
+        }
         Ok(cfg)
     }
 
@@ -297,6 +357,42 @@ mod tests {
         let c = ServerConfig::parse(text, "deploy/examples/server.toml").expect("example");
         assert_eq!(c.tls.hosts, vec!["pgwarden.example.net", "10.0.1.5"]);
         assert_eq!(c.commands.timeout, ConfDuration::secs(300));
+        assert_eq!(c.webhooks, WebhooksSection::default());
+    }
+
+    #[test]
+    fn webhook_settings_have_defaults_and_are_checked() {
+        let c = ServerConfig::parse("", "s.toml").expect("defaults");
+        assert_eq!(c.webhooks.timeout, ConfDuration::secs(10));
+        assert_eq!(c.webhooks.max_age, ConfDuration::secs(24 * 3600));
+        assert_eq!(c.webhooks.retry_base, ConfDuration::secs(1));
+        let c = ServerConfig::parse(
+            "[webhooks]\ntimeout = \"2s\"\nmax_age = \"1h\"\nretry_base = \"200ms\"\n",
+            "s.toml",
+        )
+        .expect("set");
+        assert_eq!(c.webhooks.timeout, ConfDuration::secs(2));
+        assert_eq!(c.webhooks.max_age, ConfDuration::secs(3600));
+        assert_eq!(c.webhooks.retry_base, ConfDuration::millis(200));
+        let e = ServerConfig::parse("[webhooks]\ntimeout = \"50ms\"\n", "s.toml")
+            .expect_err("short timeout");
+        assert_eq!(e.key.as_deref(), Some("webhooks.timeout"));
+        assert_eq!(e.line, Some(2));
+        let e = ServerConfig::parse(
+            "[webhooks]\ntimeout = \"30s\"\nmax_age = \"30s\"\n",
+            "s.toml",
+        )
+        .expect_err("max_age");
+        assert_eq!(e.key.as_deref(), Some("webhooks.max_age"));
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("webhooks.timeout"), "{e}");
+        let e = ServerConfig::parse("[webhooks]\nretry_base = \"1ms\"\n", "s.toml")
+            .expect_err("retry_base");
+        assert_eq!(e.key.as_deref(), Some("webhooks.retry_base"));
+        let e = ServerConfig::parse("[webhooks]\nmax_agee = \"1h\"\n", "s.toml")
+            .expect_err("unknown key");
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("max_agee"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The REST API under `/api/v1` (for automation and `pgwardenctl`), the agents' routes
-//! (enrollment, reports), and `/healthz`, `/readyz`, `/metrics`.
+//! (enrollment, reports), and `/healthz`, `/readyz`, `/metrics`. Webhook routes are in
+//! `api/webhooks.rs`.
 
 use crate::app::{
     audit, bad_query, conflict, internal, not_found, problem, unprocessable, Admin, AgentIdentity,
@@ -24,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use utoipa::{OpenApi, ToSchema};
+
+mod webhooks;
 
 pub fn router(app: Shared) -> Router {
     let api = Router::new()
@@ -74,6 +77,21 @@ pub fn router(app: Shared) -> Router {
             post(revoke_certificate),
         )
         .route("/audit", get(audit_log))
+        .route(
+            "/webhooks",
+            get(webhooks::list_webhooks).post(webhooks::create_webhook),
+        )
+        .route(
+            "/webhooks/{id}",
+            get(webhooks::get_webhook)
+                .patch(webhooks::update_webhook)
+                .delete(webhooks::delete_webhook),
+        )
+        .route("/webhooks/{id}/test", post(webhooks::test_webhook))
+        .route(
+            "/webhooks/{id}/deliveries",
+            get(webhooks::webhook_deliveries),
+        )
         .route("/enroll/ca", get(enroll_ca))
         .route("/enroll", post(enroll))
         .route("/agent/report", post(agent_report))
@@ -99,8 +117,11 @@ pub fn router(app: Shared) -> Router {
         lag_history, failovers, all_nodes, list_events, stream_events, list_commands,
         get_command, list_tokens, create_token, delete_token, list_join_tokens,
         create_join_token, delete_join_token, list_users, create_user, update_user,
-        delete_user, list_certificates, revoke_certificate, audit_log, enroll_ca, enroll,
-        agent_report, agent_renew, healthz, readyz, metrics
+        delete_user, list_certificates, revoke_certificate, audit_log,
+        webhooks::list_webhooks, webhooks::create_webhook, webhooks::get_webhook,
+        webhooks::update_webhook, webhooks::delete_webhook, webhooks::test_webhook,
+        webhooks::webhook_deliveries, enroll_ca, enroll, agent_report, agent_renew, healthz,
+        readyz, metrics
     ),
     components(schemas(ProblemDoc)),
     modifiers(&BearerAuth, &ProblemResponses)
@@ -1675,6 +1696,9 @@ async fn agent_report(
     if ing.events_new > 0 || ing.came_back {
         app.events_changed.notify_waiters();
     }
+    if ing.deliveries_queued > 0 {
+        app.webhooks_changed.notify_waiters();
+    }
     if !r.commands.is_empty() {
         app.commands_changed.notify_waiters();
     }
@@ -1745,6 +1769,21 @@ async fn metrics(State(app): State<Shared>) -> Response {
         "pgwarden_server_command_delivery_failures_total",
         "Attempts to hand a command to an agent that failed.",
         c.delivery_failures.load(Ordering::Relaxed),
+    );
+    counter(
+        "pgwarden_server_webhook_attempts_total",
+        "Attempts to post a webhook delivery.",
+        c.webhook_attempts.load(Ordering::Relaxed),
+    );
+    counter(
+        "pgwarden_server_webhook_attempt_failures_total",
+        "Webhook attempts without a 2xx answer.",
+        c.webhook_attempt_failures.load(Ordering::Relaxed),
+    );
+    counter(
+        "pgwarden_server_webhook_deliveries_failed_total",
+        "Webhook deliveries given up at the maximum age.",
+        c.webhook_deliveries_failed.load(Ordering::Relaxed),
     );
     counter(
         "pgwarden_server_api_client_errors_total",

@@ -28,6 +28,9 @@ pub struct Counters {
     pub events_new: AtomicU64,
     pub commands_delivered: AtomicU64,
     pub delivery_failures: AtomicU64,
+    pub webhook_attempts: AtomicU64,
+    pub webhook_attempt_failures: AtomicU64,
+    pub webhook_deliveries_failed: AtomicU64,
     pub api_4xx: AtomicU64,
     pub api_5xx: AtomicU64,
 }
@@ -49,6 +52,11 @@ pub struct App {
     /// Woken when events or commands are stored, for the live stream and the delivery loop.
     pub events_changed: Notify,
     pub commands_changed: Notify,
+    /// Woken when a webhook delivery is queued outside an event (a test send) or finishes.
+    pub webhooks_changed: Notify,
+    /// HTTP(S) client for webhook receivers: the system's root certificates, no client
+    /// certificate, `[webhooks] timeout`.
+    pub webhooks: reqwest::Client,
     pub counters: Counters,
 }
 

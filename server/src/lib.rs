@@ -1,6 +1,7 @@
 //! pgwarden-server: the control plane. It stores clusters, nodes, events and commands in
 //! SQLite or PostgreSQL (`store`), enrolls agents and authenticates them by certificate,
-//! serves the REST API (`api`), and delivers commands to agents (`workers`).
+//! serves the REST API (`api`), delivers commands to agents (`workers`), and posts events to
+//! webhooks (`webhooks` decides, `delivery` posts).
 
 // Handlers return `Result<_, Response>` so an error is already the problem document to send;
 // the size of `Response` does not matter on these paths.
@@ -9,7 +10,9 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod delivery;
 pub mod store;
+pub mod webhooks;
 pub mod workers;
 
 use anyhow::{Context, Result};
@@ -140,6 +143,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         Some((&cfg.cert_file(), &cfg.key_file())),
         std::time::Duration::from_secs(10),
     )?;
+    let webhooks = delivery::client(&cfg)?;
     let acceptor = pgwarden_pki::tls::acceptor(&cfg.ca_file(), &cfg.cert_file(), &cfg.key_file())?;
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -153,6 +157,8 @@ pub async fn start(cfg: ServerConfig) -> Result<Running> {
         agents,
         events_changed: Notify::new(),
         commands_changed: Notify::new(),
+        webhooks_changed: Notify::new(),
+        webhooks,
         counters: Counters::default(),
     });
     workers::spawn(app.clone());

@@ -3,10 +3,21 @@
 //! `RETURNING`). Each backend has its own migrations (`migrations/sqlite`,
 //! `migrations/postgres`) because their DDL differs; the queries are shared.
 //!
-//! Work several servers could do twice (delivering a command, watching agents) is coordinated
-//! here with conditional updates: a row is claimed by `UPDATE … WHERE claim expired`, and the
-//! one server whose update changed the row does the work.
+//! Every new event is stored in one transaction with its webhook deliveries (the outbox,
+//! `store/webhooks.rs`).
+//!
+//! Work several servers could do twice (delivering a command, a webhook delivery, watching
+//! agents) is coordinated here with conditional updates: a row is claimed by
+//! `UPDATE … WHERE claim expired`, and the one server whose update changed the row does the
+//! work.
 
+mod webhooks;
+
+pub use webhooks::{
+    AttemptResult, AttemptRow, DeliveryRow, DeliveryState, Outbox, Webhook, WebhookRow,
+};
+
+use crate::webhooks::{severity_of, EventDoc};
 use anyhow::{anyhow, bail, Context, Result};
 use pgwarden_core::control::{AgentCommandState, AgentReport, CommandKind, CommandPhase};
 use pgwarden_core::server_config::{backend_of, Backend};
@@ -338,6 +349,8 @@ pub struct Ingested {
     pub came_back: bool,
     /// The agent knows a newer failover record than the store.
     pub wants_history: bool,
+    /// Webhook deliveries queued for the new events.
+    pub deliveries_queued: usize,
 }
 
 impl Store {
@@ -457,6 +470,7 @@ impl Store {
         self.ensure_cluster(&rep.cluster, now).await?;
         let mut tx = self.pool.begin().await?;
         let mut out = Ingested::default();
+        let mut outbox = Outbox::default();
         let prev =
             sqlx::query("SELECT agent_up, removed_ms FROM nodes WHERE cluster = $1 AND name = $2")
                 .bind(&rep.cluster)
@@ -507,25 +521,27 @@ impl Store {
                     ev.node
                 );
             }
-            let r = sqlx::query(
-                "INSERT INTO events (id, ts_ms, received_ms, cluster, node, kind, message) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
+            let new = store_event_tx(
+                &mut tx,
+                &mut outbox,
+                NewEvent {
+                    id: &ev.id,
+                    ts_ms: i64::try_from(ev.ts_ms).unwrap_or(i64::MAX),
+                    received_ms: now,
+                    cluster: &ev.cluster,
+                    node: &ev.node,
+                    kind: &ev.kind,
+                    message: &ev.message,
+                },
             )
-            .bind(&ev.id)
-            .bind(ev.ts_ms as i64)
-            .bind(now)
-            .bind(&ev.cluster)
-            .bind(&ev.node)
-            .bind(&ev.kind)
-            .bind(&ev.message)
-            .execute(&mut *tx)
             .await?;
-            out.events_new += r.rows_affected() as usize;
+            out.events_new += usize::from(new);
             out.events_stored += 1;
         }
         if out.came_back {
             insert_event_tx(
                 &mut tx,
+                &mut outbox,
                 &server_event_id("agent_up", &rep.cluster, &rep.node, now),
                 now,
                 &rep.cluster,
@@ -558,7 +574,7 @@ impl Store {
             }
         }
         for c in &rep.commands {
-            update_command_tx(&mut tx, c, &rep.node, now).await?;
+            update_command_tx(&mut tx, &mut outbox, c, &rep.node, now).await?;
         }
         if let Some(epoch) = rep.history_epoch {
             let have: Option<i64> =
@@ -570,6 +586,7 @@ impl Store {
             out.wants_history = have.is_none_or(|h| (epoch as i64) > h);
         }
         tx.commit().await?;
+        out.deliveries_queued = outbox.queued;
         Ok(out)
     }
 
@@ -675,6 +692,7 @@ impl Store {
         if r.rows_affected() == 1 {
             insert_event_tx(
                 &mut tx,
+                &mut Outbox::default(),
                 &server_event_id("agent_down", cluster, name, now),
                 now,
                 cluster,
@@ -700,7 +718,17 @@ impl Store {
     ) -> Result<()> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        insert_event_tx(&mut tx, id, now, cluster, node, kind, message).await?;
+        insert_event_tx(
+            &mut tx,
+            &mut Outbox::default(),
+            id,
+            now,
+            cluster,
+            node,
+            kind,
+            message,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -1043,7 +1071,17 @@ impl Store {
         delivered_to: Option<&str>,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let moved = advance_tx(&mut tx, id, state, message, result, delivered_to, now_ms()).await?;
+        let moved = advance_tx(
+            &mut tx,
+            &mut Outbox::default(),
+            id,
+            state,
+            message,
+            result,
+            delivered_to,
+            now_ms(),
+        )
+        .await?;
         tx.commit().await?;
         Ok(moved)
     }
@@ -1548,32 +1586,88 @@ pub fn server_event_id(kind: &str, cluster: &str, node: &str, now: i64) -> Strin
     format!("server-{kind}-{cluster}-{node}-{}", now / 1000)
 }
 
+/// An event to store.
+struct NewEvent<'a> {
+    id: &'a str,
+    ts_ms: i64,
+    received_ms: i64,
+    cluster: &'a str,
+    node: &'a str,
+    kind: &'a str,
+    message: &'a str,
+}
+
+/// Stores an event once by id and, when it is new, queues its webhook deliveries in the same
+/// transaction. Returns whether it was new.
+async fn store_event_tx(
+    tx: &mut sqlx::Transaction<'_, Any>,
+    outbox: &mut Outbox,
+    ev: NewEvent<'_>,
+) -> Result<bool> {
+    let row = sqlx::query(
+        "INSERT INTO events (id, ts_ms, received_ms, cluster, node, kind, message) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING RETURNING seq",
+    )
+    .bind(ev.id)
+    .bind(ev.ts_ms)
+    .bind(ev.received_ms)
+    .bind(ev.cluster)
+    .bind(ev.node)
+    .bind(ev.kind)
+    .bind(ev.message)
+    .fetch_optional(&mut **tx)
+    .await?;
+    // No row: the id was stored before (a report delivered twice), and so were its deliveries.
+    let Some(row) = row else {
+        return Ok(false);
+    };
+    let doc = EventDoc {
+        seq: row.try_get("seq")?,
+        id: ev.id.to_string(),
+        ts_ms: ev.ts_ms,
+        received_ms: ev.received_ms,
+        cluster: ev.cluster.to_string(),
+        node: ev.node.to_string(),
+        kind: ev.kind.to_string(),
+        message: ev.message.to_string(),
+        severity: severity_of(ev.kind),
+    };
+    outbox.add(tx, &doc, ev.received_ms).await?;
+    Ok(true)
+}
+
+/// Stores an event the server itself records (at `now`), with its webhook deliveries.
+#[allow(clippy::too_many_arguments)]
 async fn insert_event_tx(
     tx: &mut sqlx::Transaction<'_, Any>,
+    outbox: &mut Outbox,
     id: &str,
     now: i64,
     cluster: &str,
     node: &str,
     kind: &str,
     message: &str,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO events (id, ts_ms, received_ms, cluster, node, kind, message) \
-         VALUES ($1, $2, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+) -> Result<bool> {
+    store_event_tx(
+        tx,
+        outbox,
+        NewEvent {
+            id,
+            ts_ms: now,
+            received_ms: now,
+            cluster,
+            node,
+            kind,
+            message,
+        },
     )
-    .bind(id)
-    .bind(now)
-    .bind(cluster)
-    .bind(node)
-    .bind(kind)
-    .bind(message)
-    .execute(&mut **tx)
-    .await?;
-    Ok(())
+    .await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn advance_tx(
     tx: &mut sqlx::Transaction<'_, Any>,
+    outbox: &mut Outbox,
     id: &str,
     state: CommandPhase,
     message: &str,
@@ -1610,6 +1704,7 @@ async fn advance_tx(
         let kind: String = row.try_get("kind")?;
         insert_event_tx(
             tx,
+            outbox,
             &format!("server-command-{id}"),
             now,
             &cluster,
@@ -1624,6 +1719,7 @@ async fn advance_tx(
 
 async fn update_command_tx(
     tx: &mut sqlx::Transaction<'_, Any>,
+    outbox: &mut Outbox,
     c: &AgentCommandState,
     node: &str,
     now: i64,
@@ -1631,6 +1727,7 @@ async fn update_command_tx(
     let result = c.result.clone();
     advance_tx(
         tx,
+        outbox,
         &c.id,
         c.state,
         &c.message,

@@ -1,6 +1,7 @@
 //! Background work: delivering commands to agents and following them to their outcome,
 //! watching for agents that stopped reporting, pruning old lag samples, fetching failover
-//! records, and the live event stream. With several servers on one store, a command is
+//! records, and the live event stream; it also starts the webhook delivery loop
+//! (`delivery`). With several servers on one store, a command (and a webhook delivery) is
 //! handled by the server that claimed it, and the watch by the holder of the `monitor` lease.
 
 use crate::app::{Counters, Shared};
@@ -18,6 +19,8 @@ const CLAIM_MS: i64 = 15_000;
 pub fn spawn(app: Shared) {
     let a = app.clone();
     tokio::spawn(async move { command_loop(a).await });
+    let a = app.clone();
+    tokio::spawn(async move { crate::delivery::run(a).await });
     tokio::spawn(async move { monitor_loop(app).await });
 }
 
