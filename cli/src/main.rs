@@ -12,6 +12,7 @@ mod server;
 mod switchover;
 mod target;
 mod views;
+mod webhook;
 
 use anyhow::Result;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -203,6 +204,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Webhooks: where the server posts events (JSON, Slack, PagerDuty), their delivery logs.
+    Webhook {
+        #[command(subcommand)]
+        cmd: WebhookCmd,
+    },
     /// Exchange a user's password for an API token and store it, with the server and its CA,
     /// in the CLI configuration file.
     Login {
@@ -328,6 +334,85 @@ enum UserCmd {
     Delete { name: String },
 }
 
+/// A webhook's secret, PagerDuty key and filter, as `webhook add` and `webhook set` take them.
+#[derive(clap::Args, Clone, Debug, Default)]
+struct WebhookOpts {
+    /// The signing secret (16 to 256 characters); by default the server makes one (add).
+    #[arg(long, conflicts_with = "secret_stdin")]
+    secret: Option<String>,
+    /// Read the signing secret from standard input (asked for on a terminal).
+    #[arg(long)]
+    secret_stdin: bool,
+    /// The PagerDuty Events API v2 integration key (format pagerduty only; `""` removes it).
+    #[arg(long, value_name = "KEY")]
+    routing_key: Option<String>,
+    /// Only these event types (comma-separated or repeated; `''` for every type).
+    #[arg(long = "type", value_name = "T,...", value_delimiter = ',')]
+    types: Option<Vec<String>>,
+    /// Only events of these clusters (comma-separated or repeated; `''` for every cluster).
+    #[arg(long = "cluster", value_name = "C,...", value_delimiter = ',')]
+    clusters: Option<Vec<String>>,
+    /// Leave out events below this severity.
+    #[arg(long, value_name = "SEVERITY", value_parser = ["info", "warning", "critical"])]
+    min_severity: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum WebhookCmd {
+    /// Every webhook: format, whether enabled, URL, filter.
+    List,
+    /// Add a webhook; prints the signing secret once when the server made it.
+    Add {
+        /// A label.
+        #[arg(long)]
+        name: String,
+        /// Where deliveries are posted: https://… (or http://…).
+        #[arg(long)]
+        url: String,
+        #[arg(long, value_parser = ["json", "slack", "pagerduty"])]
+        format: String,
+        #[command(flatten)]
+        opts: WebhookOpts,
+        /// Create it disabled: it queues nothing until enabled.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Change a webhook's settings; the others keep their value.
+    Set {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, value_parser = ["json", "slack", "pagerduty"])]
+        format: Option<String>,
+        #[command(flatten)]
+        opts: WebhookOpts,
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Delete a webhook with its delivery log.
+    Delete { id: String },
+    /// Send a `webhook_test` event to the webhook and follow it until delivered or failed.
+    Test {
+        id: String,
+        /// How long to follow the delivery before giving up on watching it.
+        #[arg(long, value_name = "DURATION", default_value = "60s")]
+        wait: String,
+    },
+    /// The webhook's deliveries, newest first, with their attempts.
+    Deliveries {
+        id: String,
+        #[arg(long, value_parser = ["pending", "delivered", "failed"])]
+        state: Option<String>,
+        /// At most this many deliveries (1 to 500).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=500))]
+        limit: Option<u16>,
+    },
+}
+
 impl Cmd {
     /// The command's name, for messages.
     fn name(&self) -> &'static str {
@@ -348,6 +433,7 @@ impl Cmd {
             Cmd::Token { .. } => "token",
             Cmd::ApiToken { .. } => "api-token",
             Cmd::User { .. } => "user",
+            Cmd::Webhook { .. } => "webhook",
             Cmd::Login { .. } => "login",
         }
     }
@@ -541,6 +627,50 @@ mod tests {
     }
 
     #[test]
+    fn webhook_arguments() {
+        let cli = parse(&[
+            "webhook",
+            "set",
+            "wh-1",
+            "--type",
+            "a,b",
+            "--cluster",
+            "",
+            "--disable",
+        ])
+        .unwrap();
+        let Cmd::Webhook {
+            cmd: WebhookCmd::Set {
+                id, opts, disable, ..
+            },
+        } = &cli.cmd
+        else {
+            panic!("not webhook set");
+        };
+        assert_eq!(id, "wh-1");
+        assert_eq!(
+            opts.types.as_deref(),
+            Some(&["a".to_string(), "b".into()][..])
+        );
+        assert_eq!(opts.clusters.as_deref(), Some(&[String::new()][..]));
+        assert!(*disable);
+        assert_eq!(opts.routing_key, None);
+        for bad in [
+            &[
+                "webhook", "add", "--name", "x", "--url", "http://h", "--format", "xml",
+            ][..],
+            &["webhook", "add", "--url", "http://h", "--format", "json"],
+            &["webhook", "set", "wh-1", "--enable", "--disable"],
+            &["webhook", "set", "wh-1", "--secret", "s", "--secret-stdin"],
+            &["webhook", "set", "wh-1", "--min-severity", "fatal"],
+            &["webhook", "deliveries", "wh-1", "--limit", "501"],
+            &["webhook", "deliveries", "wh-1", "--state", "lost"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn server_only_flags_are_named() {
         let cli = parse(&["pause", "--cluster", "main"]).unwrap();
         assert_eq!(cli.cmd.server_only_flag(), Some("--cluster"));
@@ -605,6 +735,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`nodes` needs the control plane"), "{e}");
+        let e = run(&parse(&["--agent", "http://127.0.0.1:9", "webhook", "list"]).unwrap())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`webhook` needs the control plane"), "{e}");
     }
 
     #[test]

@@ -54,12 +54,12 @@ fn need_cluster<'a>(c: &'a Option<String>, cmd: &str) -> Result<&'a str> {
     })
 }
 
-fn pretty(v: &Value) -> Result<String> {
+pub(crate) fn pretty(v: &Value) -> Result<String> {
     Ok(serde_json::to_string_pretty(v)?)
 }
 
 /// Prints `v` as JSON with `--json`, else `text`.
-fn print(cli: &Cli, v: &Value, text: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print(cli: &Cli, v: &Value, text: impl FnOnce() -> String) -> Result<()> {
     if cli.json {
         println!("{}", pretty(v)?);
     } else {
@@ -204,7 +204,7 @@ fn failover_plan(c: &ClusterDetail, candidate: &str) -> Result<String> {
 
 /// Reads a secret: asked for on a terminal (without echo), else the first line of standard
 /// input.
-fn read_secret(prompt: &str) -> Result<String> {
+pub(crate) fn read_secret(prompt: &str, what: &str) -> Result<String> {
     use std::io::{BufRead, IsTerminal, Write};
     let stdin = std::io::stdin();
     let mut line = String::new();
@@ -224,16 +224,16 @@ fn read_secret(prompt: &str) -> Result<String> {
             stty("echo");
             eprintln!();
         }
-        r.context("read the password")?;
+        r.with_context(|| format!("read the {what}"))?;
     } else {
         stdin
             .lock()
             .read_line(&mut line)
-            .context("read the password from standard input")?;
+            .with_context(|| format!("read the {what} from standard input"))?;
     }
     let secret = line.trim_end_matches(['\n', '\r']).to_string();
     if secret.is_empty() {
-        bail!("the password is empty");
+        bail!("the {what} is empty");
     }
     Ok(secret)
 }
@@ -455,6 +455,7 @@ pub async fn run(cli: &Cli, server: &Server) -> Result<()> {
         Cmd::Token { cmd } => join_tokens(cli, server, cmd, now).await,
         Cmd::ApiToken { cmd } => api_tokens(cli, server, cmd).await,
         Cmd::User { cmd } => users(cli, server, cmd).await,
+        Cmd::Webhook { cmd } => crate::webhook::run(cli, server, cmd).await,
         Cmd::Login { user, ttl } => login(cli, server, user, ttl.as_deref()).await,
     }
 }
@@ -666,7 +667,8 @@ async fn users(cli: &Cli, server: &Server, cmd: &UserCmd) -> Result<()> {
         } => {
             let mut body = json!({ "name": name, "role": role });
             if *password_stdin {
-                body["password"] = json!(read_secret(&format!("Password for {name}: "))?);
+                body["password"] =
+                    json!(read_secret(&format!("Password for {name}: "), "password")?);
             }
             let v = server
                 .call(Method::POST, "/api/v1/users", Some(&body))
@@ -703,7 +705,10 @@ async fn users(cli: &Cli, server: &Server, cmd: &UserCmd) -> Result<()> {
                 body["disabled"] = json!(*disable);
             }
             if *password_stdin {
-                body["password"] = json!(read_secret(&format!("New password for {name}: "))?);
+                body["password"] = json!(read_secret(
+                    &format!("New password for {name}: "),
+                    "password"
+                )?);
             }
             if body.as_object().is_some_and(|o| o.is_empty()) {
                 bail!("nothing to change: give --role, --disable, --enable or --password-stdin");
@@ -744,7 +749,10 @@ async fn login(cli: &Cli, server: &Server, user: &str, ttl: Option<&str>) -> Res
     let Some(path) = server.config_file.clone() else {
         bail!("no place for the CLI configuration file: give --cli-config FILE (HOME is not set)");
     };
-    let password = read_secret(&format!("Password for {user} at {}: ", server.base))?;
+    let password = read_secret(
+        &format!("Password for {user} at {}: ", server.base),
+        "password",
+    )?;
     let mut body = json!({ "user": user, "password": password });
     if let Some(t) = ttl {
         body["ttl"] = json!(t);

@@ -1,5 +1,6 @@
 //! What server-mode commands print: a cluster's nodes as the `list` table, the node
-//! inventory, event lines, join and API tokens, users, the configuration history.
+//! inventory, event lines, join and API tokens, users, the configuration history, webhooks
+//! and their deliveries.
 
 use crate::list::table;
 use crate::server::{ClusterDetail, EventRow, NodeRow};
@@ -282,6 +283,165 @@ pub fn config_history(items: &[Value]) -> String {
     table(None, &header, &rows).join("\n") + "\n"
 }
 
+/// A webhook's filter in a few words: `all events`, or its types, clusters and severity.
+pub fn webhook_filter(w: &Value) -> String {
+    let names = |k: &str| -> Vec<String> {
+        w[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut parts = Vec::new();
+    let types = names("event_types");
+    if !types.is_empty() {
+        parts.push(format!("types {}", types.join(",")));
+    }
+    let clusters = names("clusters");
+    if !clusters.is_empty() {
+        parts.push(format!("clusters {}", clusters.join(",")));
+    }
+    match w["min_severity"].as_str() {
+        Some("info") | None => {}
+        Some(sev) => parts.push(format!("severity >= {sev}")),
+    }
+    if parts.is_empty() {
+        "all events".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn enabled(w: &Value) -> &'static str {
+    if w["enabled"] == Value::Bool(false) {
+        "no"
+    } else {
+        "yes"
+    }
+}
+
+/// Webhooks: the URL as the server shows it (without its path to non-admins), never a secret.
+pub fn webhooks(items: &[Value]) -> String {
+    let header = ["ID", "Name", "Format", "Enabled", "URL", "Filter"];
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|w| {
+            vec![
+                s(w, "id"),
+                s(w, "name"),
+                s(w, "format"),
+                enabled(w).into(),
+                s(w, "url"),
+                webhook_filter(w),
+            ]
+        })
+        .collect();
+    table(None, &header, &rows).join("\n") + "\n"
+}
+
+/// One webhook, as `webhook add` and `webhook set` print it.
+pub fn webhook(w: &Value) -> String {
+    let mut out = format!(
+        "webhook {} ({:?}): format {}, {}\n  url:    {}\n  filter: {}\n",
+        s(w, "id"),
+        s(w, "name"),
+        s(w, "format"),
+        if enabled(w) == "yes" {
+            "enabled"
+        } else {
+            "disabled"
+        },
+        s(w, "url"),
+        webhook_filter(w),
+    );
+    if w["routing_key_set"] == Value::Bool(true) {
+        out.push_str("  PagerDuty routing key set\n");
+    }
+    out
+}
+
+/// What an attempt got: the HTTP status and the start of the answer, or the error.
+pub fn attempt_outcome(a: &Value) -> String {
+    let answer: String = a["response"]
+        .as_str()
+        .unwrap_or_default()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(80)
+        .collect();
+    let mut out = match a["status_code"].as_i64() {
+        Some(c) => format!("HTTP {c}"),
+        None => "no answer".into(),
+    };
+    if let Some(e) = a["error"].as_str().filter(|e| !e.is_empty()) {
+        out.push_str(&format!(": {e}"));
+    } else if !answer.is_empty() {
+        out.push_str(&format!(": {answer}"));
+    }
+    out
+}
+
+/// One attempt as one line: number, server, time, latency, outcome.
+pub fn attempt_line(a: &Value) -> String {
+    format!(
+        "attempt {} by {} at {} ({} ms): {}",
+        s(a, "attempt"),
+        s(a, "server_id"),
+        time(a["started_ms"].as_i64().unwrap_or(0)),
+        s(a, "latency_ms"),
+        attempt_outcome(a)
+    )
+}
+
+/// A webhook's deliveries, newest first: the event, the state, the attempts, the last outcome.
+pub fn deliveries(items: &[Value], now: i64) -> String {
+    let header = [
+        "ID",
+        "Created",
+        "Event type",
+        "State",
+        "Attempts",
+        "Last status",
+        "Last error",
+    ];
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|d| {
+            let last = d["attempt_log"].as_array().and_then(|a| a.last());
+            let mut state = s(d, "state");
+            if state == "pending" {
+                if let Some(next) = d["next_attempt_ms"].as_i64().filter(|n| *n > now) {
+                    state = format!("pending (next {})", until(next, now));
+                }
+            }
+            let error = d["last_error"]
+                .as_str()
+                .or_else(|| last.and_then(|a| a["error"].as_str()))
+                .unwrap_or_default()
+                .chars()
+                .take(80)
+                .collect();
+            vec![
+                s(d, "id"),
+                time(d["created_ms"].as_i64().unwrap_or(0)),
+                s(d, "event_type"),
+                state,
+                s(d, "attempts"),
+                last.and_then(|a| a["status_code"].as_i64())
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+                error,
+            ]
+        })
+        .collect();
+    table(None, &header, &rows).join("\n") + "\n"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -411,5 +571,59 @@ mod tests {
         let t =
             users(&[json!({"name": "bob", "role": "operator", "disabled": true, "created_ms": 0})]);
         assert!(t.contains("| bob  | operator | disabled |"), "{t}");
+    }
+
+    #[test]
+    fn webhooks_and_deliveries() {
+        let w = json!({"id": "wh-1", "name": "ops", "format": "pagerduty", "enabled": false,
+            "url": "https://h.example/…", "event_types": ["agent_down"], "clusters": [],
+            "min_severity": "warning", "routing_key_set": true});
+        assert_eq!(webhook_filter(&w), "types agent_down; severity >= warning");
+        let t = webhooks(std::slice::from_ref(&w));
+        assert!(
+            t.contains("| wh-1 | ops  | pagerduty | no      | https://h.example/… |"),
+            "{t}"
+        );
+        let d = webhook(&w);
+        assert!(
+            d.starts_with("webhook wh-1 (\"ops\"): format pagerduty, disabled\n"),
+            "{d}"
+        );
+        assert!(d.contains("routing key set"), "{d}");
+        let all = json!({"event_types": [], "clusters": [], "min_severity": "info"});
+        assert_eq!(webhook_filter(&all), "all events");
+
+        let a1 = json!({"attempt": 1, "server_id": "s1", "started_ms": 0, "latency_ms": 7,
+            "status_code": 500, "error": null, "response": "upstream down\nmore"});
+        let a2 = json!({"attempt": 2, "server_id": "s1", "started_ms": 0, "latency_ms": 3,
+            "status_code": null, "error": "connection refused", "response": ""});
+        assert_eq!(
+            attempt_line(&a1),
+            "attempt 1 by s1 at 1970-01-01T00:00:00Z (7 ms): HTTP 500: upstream down"
+        );
+        assert_eq!(attempt_outcome(&a2), "no answer: connection refused");
+        let d = json!({"id": 4, "created_ms": 0, "event_type": "webhook_test",
+            "state": "pending", "attempts": 2, "next_attempt_ms": 5_000, "last_error": null,
+            "attempt_log": [a1, a2]});
+        let t = deliveries(&[d], 0);
+        let r: Vec<&str> = t
+            .lines()
+            .nth(3)
+            .unwrap()
+            .split('|')
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            r[1..8],
+            [
+                "4",
+                "1970-01-01T00:00:00Z",
+                "webhook_test",
+                "pending (next in 5s)",
+                "2",
+                "",
+                "connection refused"
+            ]
+        );
     }
 }

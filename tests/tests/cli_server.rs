@@ -3,7 +3,8 @@
 //! pgwarden-cli`). Join tokens that enroll, users, API tokens, `list` and `nodes` after a
 //! report, events paged and followed, commands to their outcome (a fake agent that succeeds,
 //! an unreachable one that times out), errors naming the field, the target and the CLI
-//! configuration file. No root, no PostgreSQL.
+//! configuration file, webhooks (add, list, set, test sends to real HTTP receivers, the
+//! delivery log, delete). No root, no PostgreSQL.
 
 use pgwarden_core::control::{AgentReport, EnrollRequest, EnrollResponse};
 use pgwarden_core::event::Event;
@@ -1084,4 +1085,387 @@ async fn the_target_and_the_configuration_file() {
         out.err
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What a webhook receiver was sent: the request head (lowercased header names kept as sent)
+/// and the body.
+type Received = Arc<Mutex<Vec<(String, Value)>>>;
+
+/// A webhook receiver over plain HTTP on 127.0.0.1:0, answering every request with `status`
+/// and `answer`, recording what it was sent. Returns its URL.
+async fn receiver(status: u16, answer: &'static str, received: Received) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let received = received.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head, body) = loop {
+                    let n = sock.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..p]).to_string();
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .and_then(|v| v.trim().parse::<usize>().ok())
+                            })
+                            .unwrap_or(0);
+                        while buf.len() < p + 4 + len {
+                            let n = sock.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        break (head, buf[p + 4..p + 4 + len].to_vec());
+                    }
+                };
+                let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                received.lock().expect("lock").push((head, body));
+                let resp = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// The id in `added webhook wh-… (…` / `updated webhook wh-… (…`.
+fn webhook_id(text: &str) -> String {
+    text.split_whitespace()
+        .nth(2)
+        .filter(|id| id.starts_with("wh-"))
+        .unwrap_or_else(|| panic!("no webhook id in:\n{text}"))
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_round_trip() {
+    // A failing receiver's test delivery is given up after 3 s.
+    let srv = Srv::start(
+        "hooks",
+        "[webhooks]\ntimeout = \"1s\"\nmax_age = \"3s\"\nretry_base = \"200ms\"\n",
+    )
+    .await;
+    let good = Arc::new(Mutex::new(Vec::new()));
+    let good_url = format!("{}/hook?k=v", receiver(200, "ok", good.clone()).await);
+    let bad = Arc::new(Mutex::new(Vec::new()));
+    let bad_url = receiver(500, "upstream down", bad.clone()).await;
+
+    let out = srv.ctl(&["webhook", "list"]).await;
+    assert!(out.ok().contains("no webhook"), "{}", out.out);
+
+    // add: the secret the server made is printed once.
+    let out = srv
+        .ctl(&[
+            "webhook",
+            "add",
+            "--name",
+            "ops",
+            "--url",
+            &good_url,
+            "--format",
+            "json",
+            "--type",
+            "agent_down,fenced",
+            "--cluster",
+            "main",
+            "--min-severity",
+            "warning",
+        ])
+        .await;
+    let text = out.ok();
+    let id = webhook_id(text);
+    assert!(
+        text.contains(&format!(
+            "added webhook {id} (\"ops\"): format json, enabled\n  url:    {good_url}\n  \
+             filter: types agent_down,fenced; clusters main; severity >= warning\n"
+        )),
+        "{text}"
+    );
+    let secret = text.lines().last().expect("secret line").trim();
+    assert!(
+        text.contains("signing secret (made by the server, shown only once):")
+            && secret.starts_with("whsec_"),
+        "{text}"
+    );
+
+    // list: the table, and the server's JSON as it is (no secret).
+    let list = srv.ctl(&["webhook", "list"]).await;
+    assert_eq!(
+        row(list.ok(), &id)[2..7],
+        [
+            "ops",
+            "json",
+            "yes",
+            good_url.as_str(),
+            "types agent_down,fenced; clusters main; severity >= warning"
+        ],
+        "{}",
+        list.out
+    );
+    let out = srv.ctl(&["--json", "webhook", "list"]).await;
+    let v: Value = serde_json::from_str(out.ok()).expect("json");
+    assert_eq!(v[0]["id"], json!(id), "{v}");
+    assert_eq!(v[0]["event_types"], json!(["agent_down", "fenced"]));
+    assert_eq!(v[0]["clusters"], json!(["main"]));
+    assert_eq!(v[0]["min_severity"], json!("warning"));
+    assert!(!out.out.contains(secret), "{}", out.out);
+
+    // A viewer sees the URL as the server shows it to viewers: without its path.
+    let (s, _) = srv
+        .call(
+            Method::POST,
+            "/api/v1/users",
+            Some(json!({"name": "vera", "role": "viewer"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let (s, t) = srv
+        .call(
+            Method::POST,
+            "/api/v1/tokens",
+            Some(json!({"name": "v", "user": "vera"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{t}");
+    let viewer = t["token"].as_str().expect("token").to_string();
+    let list = srv.ctl_as(&viewer, &["webhook", "list"], "").await;
+    let host = good_url.split("/hook").next().expect("host");
+    assert_eq!(row(list.ok(), &id)[5], format!("{host}/…"), "{}", list.out);
+    let out = srv
+        .ctl_as(&viewer, &["webhook", "set", &id, "--enable"], "")
+        .await;
+    assert!(out.failed().contains("admin"), "{}", out.err);
+
+    // set: PATCH only what was given; `--type ''` means every type.
+    let out = srv
+        .ctl(&[
+            "webhook",
+            "set",
+            &id,
+            "--disable",
+            "--name",
+            "ops2",
+            "--type",
+            "",
+        ])
+        .await;
+    assert!(
+        out.ok().starts_with(&format!(
+            "updated webhook {id} (\"ops2\"): format json, disabled\n"
+        )),
+        "{}",
+        out.out
+    );
+    assert!(
+        out.out
+            .contains("filter: clusters main; severity >= warning"),
+        "{}",
+        out.out
+    );
+    let (s, w) = srv
+        .call(Method::GET, &format!("/api/v1/webhooks/{id}"), None)
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        (&w["name"], &w["enabled"], &w["event_types"], &w["clusters"]),
+        (&json!("ops2"), &json!(false), &json!([]), &json!(["main"])),
+        "{w}"
+    );
+    let out = srv.ctl(&["webhook", "set", &id]).await;
+    assert!(out.failed().contains("nothing to change"), "{}", out.err);
+
+    // test: a disabled webhook still gets the test send, followed until delivered.
+    let out = srv.ctl(&["webhook", "test", &id]).await;
+    let text = out.ok();
+    assert!(
+        text.contains(&format!("to webhook {id} queued (event webhook-test-")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  attempt 1 by ") && l.ends_with(": HTTP 200: ok")),
+        "{text}"
+    );
+    assert!(text.ends_with("delivered\n"), "{text}");
+    {
+        let got = good.lock().expect("lock");
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(got[0].0.starts_with("POST /hook?k=v "), "{}", got[0].0);
+        assert_eq!(got[0].1["type"], json!("webhook_test"), "{}", got[0].1);
+        assert!(
+            got[0]
+                .0
+                .to_ascii_lowercase()
+                .contains("x-pgwarden-signature: v1="),
+            "{}",
+            got[0].0
+        );
+    }
+
+    // deliveries: the table and the JSON, filtered.
+    let out = srv.ctl(&["webhook", "deliveries", &id]).await;
+    let delivery = text
+        .split_whitespace()
+        .nth(2)
+        .expect("delivery id")
+        .to_string();
+    assert_eq!(
+        row(out.ok(), &delivery)[3..7],
+        ["webhook_test", "delivered", "1", "200"],
+        "{}",
+        out.out
+    );
+    let out = srv
+        .ctl(&[
+            "--json",
+            "webhook",
+            "deliveries",
+            &id,
+            "--state",
+            "delivered",
+            "--limit",
+            "1",
+        ])
+        .await;
+    let v: Value = serde_json::from_str(out.ok()).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["attempt_log"][0]["status_code"], json!(200), "{v}");
+    let out = srv
+        .ctl(&["--json", "webhook", "deliveries", &id, "--state", "failed"])
+        .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(out.ok()).expect("json"),
+        json!([])
+    );
+
+    // A receiver that fails: the attempts are printed, the test fails when it is given up.
+    let out = srv
+        .ctl(&[
+            "webhook",
+            "add",
+            "--name",
+            "bad",
+            "--url",
+            &bad_url,
+            "--format",
+            "slack",
+            "--secret",
+            "0123456789abcdef0123",
+        ])
+        .await;
+    let bad_id = webhook_id(out.ok());
+    assert!(!out.out.contains("signing secret"), "{}", out.out);
+    let out = srv
+        .ctl(&["webhook", "test", &bad_id, "--wait", "30s"])
+        .await;
+    assert!(
+        out.failed().starts_with("error: test delivery ") && out.err.contains(" failed: "),
+        "{}",
+        out.err
+    );
+    assert!(
+        out.out
+            .lines()
+            .any(|l| l.starts_with("  attempt 1 by ") && l.ends_with(": HTTP 500: upstream down")),
+        "{}",
+        out.out
+    );
+    assert!(!bad.lock().expect("lock").is_empty());
+    let out = srv
+        .ctl(&["webhook", "deliveries", &bad_id, "--state", "failed"])
+        .await;
+    assert!(out.ok().contains("| failed "), "{}", out.out);
+
+    // Errors are the server's problem documents, naming the field.
+    let out = srv
+        .ctl(&[
+            "webhook",
+            "add",
+            "--name",
+            "pd",
+            "--url",
+            "https://events.pagerduty.com/v2/enqueue",
+            "--format",
+            "pagerduty",
+        ])
+        .await;
+    assert!(out.failed().contains("(field routing_key)"), "{}", out.err);
+    let out = srv
+        .ctl(&["webhook", "set", &id, "--url", "ftp://x.example/"])
+        .await;
+    assert!(out.failed().contains("(field url)"), "{}", out.err);
+    let out = srv
+        .ctl_as(
+            &srv.admin,
+            &[
+                "webhook",
+                "add",
+                "--name",
+                "s",
+                "--url",
+                &good_url,
+                "--format",
+                "json",
+                "--secret-stdin",
+            ],
+            "short\n",
+        )
+        .await;
+    assert!(out.failed().contains("(field secret)"), "{}", out.err);
+    let out = srv.ctl(&["webhook", "test", "wh-none"]).await;
+    assert!(out.failed().contains("no webhook"), "{}", out.err);
+
+    // delete: gone, with its deliveries.
+    let out = srv.ctl(&["webhook", "delete", &id]).await;
+    assert!(
+        out.ok().contains(&format!("webhook {id} deleted")),
+        "{}",
+        out.out
+    );
+    let list = srv.ctl(&["webhook", "list"]).await;
+    assert!(!list.ok().contains(&id), "{}", list.out);
+    assert!(list.out.contains(&bad_id), "{}", list.out);
+    let out = srv.ctl(&["webhook", "deliveries", &id]).await;
+    assert!(out.failed().contains("no webhook"), "{}", out.err);
+    let out = srv.ctl(&["webhook", "delete", &id]).await;
+    assert!(out.failed().contains("no webhook"), "{}", out.err);
+
+    // An agent has no webhooks.
+    let out = run_ctl(
+        &srv.dir,
+        vec![
+            "--agent".into(),
+            "http://127.0.0.1:9".into(),
+            "webhook".into(),
+            "list".into(),
+        ],
+        vec![],
+        String::new(),
+    )
+    .await;
+    assert!(
+        out.failed().contains("`webhook` needs the control plane"),
+        "{}",
+        out.err
+    );
 }
