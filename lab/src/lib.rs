@@ -8,6 +8,7 @@
 
 pub mod net;
 pub mod probe;
+pub mod temp_pg;
 
 use anyhow::{anyhow, bail, Context, Result};
 use net::Subnet;
@@ -246,6 +247,11 @@ fn spawn_detached(mut cmd: Command, log: &Path, what: &Path) -> Result<i32> {
         let _ = c.wait();
     });
     Ok(pid)
+}
+
+/// Whether this runs in CI (`CI=true`), where tests that need root or PostgreSQL must run.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 pub fn is_root() -> bool {

@@ -3,8 +3,8 @@
 //! `api/webhooks.rs`.
 
 use crate::app::{
-    audit, bad_query, conflict, internal, not_found, problem, unprocessable, Admin, AgentIdentity,
-    ApiJson, Authed, Counters, Operator, QueryMap, Shared, Viewer,
+    audit, bad_query, conflict, field_of, internal, not_found, problem, unprocessable, Admin,
+    AgentIdentity, ApiJson, Authed, Counters, Operator, QueryMap, Shared, Viewer,
 };
 use crate::auth::{self, Role};
 use crate::store::{
@@ -703,9 +703,7 @@ pub struct CreateCommand {
 fn check_args(kind: CommandKind, args: &serde_json::Value) -> Result<(), Response> {
     let field_err = |e: serde_json::Error| {
         let text = e.to_string();
-        let f = text
-            .split('`')
-            .nth(1)
+        let f = field_of(&text)
             .map(|f| format!("args.{f}"))
             .unwrap_or_else(|| "args".into());
         unprocessable(&f, text)
@@ -1059,8 +1057,8 @@ async fn patch_config(
         Ok(p) => p,
         Err(e) => {
             let text = e.to_string();
-            let f = text.split('`').nth(1).unwrap_or("").to_string();
-            return unprocessable(if f.is_empty() { "body" } else { &f }, text);
+            let f = field_of(&text).unwrap_or_else(|| "body".into());
+            return unprocessable(&f, text);
         }
     };
     let current = match current_config(&app, &cluster).await {

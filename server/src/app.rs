@@ -124,7 +124,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
 
 /// The field a serde error is about: a path (`args.candidate: …`) or a named field
 /// (``unknown field `x` ``, ``missing field `x` ``).
-fn field_of(text: &str) -> Option<String> {
+pub fn field_of(text: &str) -> Option<String> {
     if let Some(f) = text.split('`').nth(1).filter(|_| text.contains("field")) {
         return Some(f.to_string());
     }

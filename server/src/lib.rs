@@ -12,6 +12,8 @@ pub mod app;
 pub mod auth;
 pub mod delivery;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod webhooks;
 pub mod workers;
 

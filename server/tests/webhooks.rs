@@ -11,7 +11,7 @@ use axum::body::Bytes;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
-use pgwarden_core::control::{AgentReport, EnrollRequest, EnrollResponse};
+use pgwarden_core::control::AgentReport;
 use pgwarden_core::event::Event;
 use pgwarden_core::server_config::ServerConfig;
 use pgwarden_core::status::{NodeStatus, PgState, Role};
@@ -20,7 +20,6 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -108,40 +107,18 @@ impl Api {
 
     /// Enrolls `node` of `cluster`; returns its mTLS client.
     async fn enroll(&self, cluster: &str, node: &str) -> reqwest::Client {
-        let (s, jt) = self
-            .post("/api/v1/join-tokens", json!({"cluster": cluster}))
-            .await;
-        assert_eq!(s, 201, "{jt}");
-        let (key, csr) =
-            pgwarden_pki::certs::new_request(node, &["127.0.0.1".into()]).expect("csr");
-        let req = EnrollRequest {
-            token: jt["token"].as_str().expect("token").into(),
-            cluster: cluster.into(),
-            node: node.into(),
-            csr_pem: csr,
-        };
-        let (s, v) = self
-            .call(
-                Method::POST,
-                "/api/v1/enroll",
-                None,
-                Some(serde_json::to_value(&req).expect("json")),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let resp: EnrollResponse = serde_json::from_value(v).expect("enroll response");
-        let (cert_f, key_f) = (
-            self.dir.join(format!("{node}.pem")),
-            self.dir.join(format!("{node}.key")),
-        );
-        std::fs::write(&cert_f, &resp.cert_pem).expect("write");
-        std::fs::write(&key_f, key).expect("write");
-        pgwarden_pki::tls::client(
-            &self.dir.join("pki/ca.pem").display().to_string(),
-            Some((&cert_f.display().to_string(), &key_f.display().to_string())),
-            Duration::from_secs(10),
+        pgwarden_server::testkit::enroll(
+            &self.http,
+            &self.base,
+            &self.admin,
+            &self.dir.join("pki/ca.pem"),
+            &self.dir,
+            cluster,
+            node,
         )
-        .expect("agent client")
+        .await
+        .expect("enroll")
+        .client
     }
 
     /// Reports `events` as `node` of `cluster`.
@@ -1026,141 +1003,13 @@ async fn pending_deliveries_survive_a_crash_of_the_server() {
 
 // ---- two servers on one PostgreSQL store ----
 
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-/// A throwaway PostgreSQL (as tests/src/temp_pg.rs makes one): initdb, loopback port, trust
-/// authentication; as root it runs as the `postgres` user. Stopped and removed on drop.
-struct TempPostgres {
-    dir: PathBuf,
-    port: u16,
-    bin: PathBuf,
-    owner: Option<(u32, u32)>,
-}
-
-impl TempPostgres {
-    fn start(name: &str) -> Result<TempPostgres, String> {
-        let bin = PathBuf::from(
-            std::env::var("PGWARDEN_PG_BIN")
-                .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
-        );
-        if !bin.join("initdb").is_file() {
-            return Err(format!("no PostgreSQL binaries at {}", bin.display()));
-        }
-        let owner = if is_root() {
-            let passwd = std::fs::read_to_string("/etc/passwd").map_err(|e| e.to_string())?;
-            let found = passwd.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.first() == Some(&"postgres"))
-                    .then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
-            });
-            Some(found.ok_or("no postgres user in /etc/passwd")?)
-        } else {
-            None
-        };
-        let dir =
-            std::env::temp_dir().join(format!("pgwarden-hooks-pg-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        if let Some((u, g)) = owner {
-            std::os::unix::fs::chown(&dir, Some(u), Some(g)).map_err(|e| e.to_string())?;
-        }
-        let pg = TempPostgres {
-            dir,
-            port: free_port(),
-            bin,
-            owner,
-        };
-        let data = pg.data();
-        pg.run(
-            "initdb",
-            &["-D", &data, "-U", "postgres", "-A", "trust", "--no-sync"],
-        )?;
-        pg.run(
-            "pg_ctl",
-            &[
-                "-D",
-                &data,
-                "-l",
-                &format!("{}/log", pg.dir.display()),
-                "-w",
-                "-o",
-                &format!(
-                    "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
-                    pg.port,
-                    pg.dir.display()
-                ),
-                "start",
-            ],
-        )?;
-        Ok(pg)
-    }
-
-    fn data(&self) -> String {
-        format!("{}/data", self.dir.display())
-    }
-
-    fn run(&self, prog: &str, args: &[&str]) -> Result<(), String> {
-        let mut c = Command::new(self.bin.join(prog));
-        c.args(args).current_dir(&self.dir);
-        if let Some((u, g)) = self.owner {
-            c.uid(u).gid(g);
-        }
-        let out = c.output().map_err(|e| format!("run {prog}: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "{prog} failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        Ok(())
-    }
-
-    fn create_db(&self, db: &str) -> Result<String, String> {
-        let port = self.port.to_string();
-        self.run(
-            "createdb",
-            &["-h", "127.0.0.1", "-p", &port, "-U", "postgres", db],
-        )?;
-        Ok(format!("postgres://postgres@127.0.0.1:{}/{db}", self.port))
-    }
-}
-
-impl Drop for TempPostgres {
-    fn drop(&mut self) {
-        let _ = self.run(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        );
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// Two servers on one PostgreSQL store deliver the same outbox: every attempt of a delivery
 /// is made by one server at a time (the receiver never sees one event twice at once), each
 /// attempt is recorded once, and both servers take part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_store_never_attempt_a_delivery_twice_at_once() {
-    let pg = match TempPostgres::start("two") {
-        Ok(pg) => pg,
-        Err(e) if !in_ci() => {
-            eprintln!("SKIPPED two_servers_on_one_store…: no PostgreSQL here ({e}); CI runs it");
-            return;
-        }
-        Err(e) => panic!("this test needs PostgreSQL in CI: {e}"),
+    let Some(pg) = pgwarden_lab::temp_pg::TempPostgres::start_or_skip("webhooks-two") else {
+        return;
     };
     let url = pg.create_db("hooks").expect("createdb");
     let a = start_shared("two-a", "srv-a", &url).await;

@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 
 pub use pgwarden_lab;
 
-pub mod temp_pg;
+pub use pgwarden_lab::temp_pg;
 
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
+pub use pgwarden_lab::in_ci;
 
 /// Fails in CI, and says so loudly elsewhere, when a test cannot run here. Returns false when
 /// the caller should return early (only outside CI).

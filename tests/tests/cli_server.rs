@@ -6,7 +6,7 @@
 //! configuration file, webhooks (add, list, set, test sends to real HTTP receivers, the
 //! delivery log, delete). No root, no PostgreSQL.
 
-use pgwarden_core::control::{AgentReport, EnrollRequest, EnrollResponse};
+use pgwarden_core::control::{AgentReport, EnrollRequest};
 use pgwarden_core::event::Event;
 use pgwarden_core::server_config::ServerConfig;
 use pgwarden_core::status::{Intent, NodeStatus, PgState, Role};
@@ -213,29 +213,18 @@ impl Srv {
 
     /// Enrolls `node` of `cluster` with a fresh join token; returns its mTLS client.
     async fn enroll(&self, cluster: &str, node: &str) -> reqwest::Client {
-        let (s, jt) = self
-            .call(
-                Method::POST,
-                "/api/v1/join-tokens",
-                Some(json!({"cluster": cluster})),
-            )
-            .await;
-        assert_eq!(s, 201, "{jt}");
-        let (s, v, key) = self
-            .enroll_with(jt["token"].as_str().expect("token"), cluster, node)
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let resp: EnrollResponse = serde_json::from_value(v).expect("enroll response");
-        let cert_f = self.dir.join(format!("{cluster}-{node}.pem"));
-        let key_f = self.dir.join(format!("{cluster}-{node}.key"));
-        std::fs::write(&cert_f, &resp.cert_pem).expect("write");
-        std::fs::write(&key_f, key).expect("write");
-        pgwarden_pki::tls::client(
-            &self.ca.display().to_string(),
-            Some((&cert_f.display().to_string(), &key_f.display().to_string())),
-            Duration::from_secs(10),
+        pgwarden_server::testkit::enroll(
+            &self.http,
+            &self.base,
+            &self.admin,
+            &self.ca,
+            &self.dir,
+            cluster,
+            node,
         )
-        .expect("agent client")
+        .await
+        .expect("enroll")
+        .client
     }
 
     async fn report(&self, agent: &reqwest::Client, rep: &AgentReport) {

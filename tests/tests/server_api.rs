@@ -3,7 +3,7 @@
 //! 4xx naming the field on bad input, pagination, the live stream; enrollment with join
 //! tokens, agent reports (events stored once), commands through their states.
 
-use pgwarden_core::control::{AgentReport, EnrollRequest, EnrollResponse};
+use pgwarden_core::control::{AgentReport, EnrollResponse};
 use pgwarden_core::event::Event;
 use pgwarden_core::server_config::ServerConfig;
 use pgwarden_core::status::{NodeStatus, PgState, Role};
@@ -70,49 +70,18 @@ impl Srv {
 
     /// Enrolls `node` of `cluster` with a fresh join token; returns an mTLS client.
     async fn enroll(&self, cluster: &str, node: &str) -> (reqwest::Client, EnrollResponse) {
-        let (s, jt) = self
-            .post(
-                "/api/v1/join-tokens",
-                &self.admin,
-                json!({"cluster": cluster}),
-            )
-            .await;
-        assert_eq!(s, 201, "{jt}");
-        let (key, csr) =
-            pgwarden_pki::certs::new_request(node, &["127.0.0.1".into()]).expect("csr");
-        let req = EnrollRequest {
-            token: jt["token"].as_str().expect("token").into(),
-            cluster: cluster.into(),
-            node: node.into(),
-            csr_pem: csr,
-        };
-        let (s, v) = self
-            .call(
-                Method::POST,
-                "/api/v1/enroll",
-                None,
-                Some(serde_json::to_value(&req).expect("json")),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let resp: EnrollResponse = serde_json::from_value(v).expect("enroll response");
-        (self.agent_client(&resp, &key), resp)
-    }
-
-    fn agent_client(&self, resp: &EnrollResponse, key: &str) -> reqwest::Client {
-        let n = &resp.node;
-        let (cert_f, key_f) = (
-            self.dir.join(format!("{n}-{}.pem", &resp.fingerprint[..5])),
-            self.dir.join(format!("{n}.key")),
-        );
-        std::fs::write(&cert_f, &resp.cert_pem).expect("write");
-        std::fs::write(&key_f, key).expect("write");
-        pgwarden_pki::tls::client(
-            &self.dir.join("pki/ca.pem").display().to_string(),
-            Some((&cert_f.display().to_string(), &key_f.display().to_string())),
-            Duration::from_secs(10),
+        let e = pgwarden_server::testkit::enroll(
+            &self.http,
+            &self.base,
+            &self.admin,
+            &self.dir.join("pki/ca.pem"),
+            &self.dir,
+            cluster,
+            node,
         )
-        .expect("agent client")
+        .await
+        .expect("enroll");
+        (e.client, e.response)
     }
 
     async fn report(&self, agent: &reqwest::Client, rep: &AgentReport) -> (u16, Value) {
@@ -1032,20 +1001,9 @@ async fn the_api_on_the_embedded_sqlite_store() {
     );
 }
 
-fn postgres_or_skip(test: &str) -> Option<TempPostgres> {
-    match TempPostgres::start(test) {
-        Ok(pg) => Some(pg),
-        Err(e) if !pgwarden_tests::in_ci() => {
-            eprintln!("SKIPPED {test}: no PostgreSQL here ({e:#}); CI runs it");
-            None
-        }
-        Err(e) => panic!("{test} needs PostgreSQL: {e:#}"),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_on_a_postgresql_store() {
-    let Some(pg) = postgres_or_skip("api") else {
+    let Some(pg) = TempPostgres::start_or_skip("api") else {
         return;
     };
     let url = pg.create_db("pgwarden").expect("createdb");
@@ -1063,7 +1021,7 @@ async fn a_store_with_a_newer_schema_is_refused() {
     let dir = std::env::temp_dir().join(format!("pgwarden-newer-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let sqlite = format!("sqlite://{}/s.db", dir.display());
-    let pg = postgres_or_skip("newer");
+    let pg = TempPostgres::start_or_skip("newer");
     let mut urls = vec![sqlite];
     if let Some(pg) = &pg {
         urls.push(pg.create_db("newer").expect("createdb"));
@@ -1098,7 +1056,7 @@ async fn sqlx_like_insert(store: &pgwarden_server::store::Store) {
 /// the monitor lease has one holder at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_store_claim_each_command_once() {
-    let Some(pg) = postgres_or_skip("claims") else {
+    let Some(pg) = TempPostgres::start_or_skip("claims") else {
         return;
     };
     let url = pg.create_db("claims").expect("createdb");

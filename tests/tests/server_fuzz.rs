@@ -10,7 +10,7 @@
 //!
 //! In CI (`CI=true`) a missing schemathesis is a failure; elsewhere the test says SKIPPED.
 
-use pgwarden_core::control::{AgentReport, EnrollRequest, EnrollResponse};
+use pgwarden_core::control::AgentReport;
 use pgwarden_core::event::Event;
 use pgwarden_core::server_config::ServerConfig;
 use pgwarden_core::status::{NodeStatus, PgState, Role};
@@ -99,46 +99,18 @@ impl Srv {
     /// Enrolls `node` of `cluster`; returns an mTLS client and the files of its certificate
     /// and key.
     async fn enroll(&self, cluster: &str, node: &str) -> (reqwest::Client, PathBuf, PathBuf) {
-        let (s, jt) = self
-            .call(
-                &self.http,
-                reqwest::Method::POST,
-                "/api/v1/join-tokens",
-                json!({"cluster": cluster}),
-            )
-            .await;
-        assert_eq!(s, 201, "{jt}");
-        let (key, csr) =
-            pgwarden_pki::certs::new_request(node, &["127.0.0.1".into()]).expect("csr");
-        let req = EnrollRequest {
-            token: jt["token"].as_str().expect("token").into(),
-            cluster: cluster.into(),
-            node: node.into(),
-            csr_pem: csr,
-        };
-        let (s, v) = self
-            .call(
-                &self.http,
-                reqwest::Method::POST,
-                "/api/v1/enroll",
-                serde_json::to_value(&req).expect("json"),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        let resp: EnrollResponse = serde_json::from_value(v).expect("enroll response");
-        let (cert_f, key_f) = (
-            self.dir.join(format!("{node}.pem")),
-            self.dir.join(format!("{node}.key")),
-        );
-        std::fs::write(&cert_f, &resp.cert_pem).expect("write");
-        std::fs::write(&key_f, key).expect("write");
-        let client = pgwarden_pki::tls::client(
-            &self.ca_file().display().to_string(),
-            Some((&cert_f.display().to_string(), &key_f.display().to_string())),
-            Duration::from_secs(10),
+        let e = pgwarden_server::testkit::enroll(
+            &self.http,
+            &self.base,
+            &self.admin,
+            &self.ca_file(),
+            &self.dir,
+            cluster,
+            node,
         )
-        .expect("agent client");
-        (client, cert_f, key_f)
+        .await
+        .expect("enroll");
+        (e.client, e.cert_file, e.key_file)
     }
 }
 

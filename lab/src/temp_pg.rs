@@ -1,6 +1,7 @@
-//! A throwaway PostgreSQL server for the control plane's store tests: initdb in a temporary
-//! directory, listening on a loopback port, trust authentication, stopped and removed on drop.
-//! As root it runs as the `postgres` user (PostgreSQL refuses to run as root).
+//! A throwaway PostgreSQL server for the control plane's store tests (the server crate's own
+//! and the end-to-end ones): initdb in a temporary directory, listening on a loopback port,
+//! trust authentication, stopped and removed on drop. As root it runs as the `postgres` user
+//! (PostgreSQL refuses to run as root).
 
 use anyhow::{bail, Context, Result};
 use std::os::unix::process::CommandExt;
@@ -30,6 +31,19 @@ fn free_port() -> Result<u16> {
 }
 
 impl TempPostgres {
+    /// Starts one, or — outside CI only — says SKIPPED and returns `None` when this machine
+    /// has no PostgreSQL. In CI (`CI=true`) a missing PostgreSQL fails the test.
+    pub fn start_or_skip(test: &str) -> Option<TempPostgres> {
+        match TempPostgres::start(test) {
+            Ok(pg) => Some(pg),
+            Err(e) if !crate::in_ci() => {
+                eprintln!("SKIPPED {test}: no PostgreSQL here ({e:#}); CI runs it");
+                None
+            }
+            Err(e) => panic!("{test} needs PostgreSQL: {e:#}"),
+        }
+    }
+
     pub fn start(name: &str) -> Result<TempPostgres> {
         TempPostgres::start_on(name, false)
     }
@@ -40,14 +54,14 @@ impl TempPostgres {
     }
 
     fn start_on(name: &str, labs: bool) -> Result<TempPostgres> {
-        let bin = pgwarden_lab::LabSpec::new("store").pg_bin;
+        let bin = crate::LabSpec::new("store").pg_bin;
         if !bin.join("initdb").is_file() {
             bail!(
                 "no PostgreSQL binaries at {} (scripts/install-deps.sh installs them)",
                 bin.display()
             );
         }
-        let owner = if pgwarden_lab::is_root() {
+        let owner = if crate::is_root() {
             Some(postgres_user().context("no postgres user in /etc/passwd")?)
         } else {
             None
